@@ -1,0 +1,22 @@
+"""revtree: reversible networks over arbitrary pytrees.
+
+Activation memory flat in depth, gradients exactly those of plain autograd.
+"""
+
+from . import codecs as codecs
+from ._block import Block as Block
+from ._errors import RevtreeError as RevtreeError
+from ._sequence import ReversibleSequence as ReversibleSequence
+from ._state import current_block as current_block
+from ._state import is_recomputing as is_recomputing
+
+__all__ = [
+    "Block",
+    "ReversibleSequence",
+    "RevtreeError",
+    "codecs",
+    "current_block",
+    "is_recomputing",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""A block: the pair of modules ``(f, g)`` of one coupling, and how they are called on leaf lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _trees
+from ._errors import RevtreeError
+from ._layout import Layout
+
+
+class Block(nn.Module):
+    """One reversible block: ``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)``.
+
+    Holds the two modules so that their parameters are named ``blocks.{i}.f.*`` and
+    ``blocks.{i}.g.*`` in the sequence's state dict.
+
+    Args:
+        f: Maps a half-stream pytree (and keyword context) to a pytree of the same structure.
+        g: Likewise, applied to the first output stream.
+
+    Example:
+        >>> from torch import nn
+        >>> import revtree
+        >>> block = revtree.Block(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> sorted(name for name, _ in block.named_parameters())
+        ['f.bias', 'f.weight', 'g.bias', 'g.weight']
+    """
+
+    def __init__(self, f: nn.Module, g: nn.Module) -> None:
+        super().__init__()
+        self.f = f
+        self.g = g
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Not callable on its own: a block runs inside a ``ReversibleSequence``."""
+        raise RevtreeError(
+            "a revtree Block is run by its ReversibleSequence, not called directly. "
+            "Hint: call the sequence, or call block.f / block.g."
+        )
+
+
+def as_block(index: int, block: Any) -> Block:
+    """Accept a ``Block`` or an ``(f, g)`` pair of modules."""
+    if isinstance(block, Block):
+        return block
+    if isinstance(block, (tuple, list)) and len(block) == 2:
+        f, g = block
+        if isinstance(f, nn.Module) and isinstance(g, nn.Module):
+            return Block(f, g)
+    raise RevtreeError(
+        f"block {index} is {type(block).__name__}, not a pair (f, g) of torch modules. "
+        "Hint: pass blocks=[(f0, g0), (f1, g1), ...] with nn.Module instances "
+        "(wrap a plain function in a small nn.Module)."
+    )
+
+
+def call(
+    module: nn.Module,
+    which: str,
+    index: int,
+    layout: Layout,
+    leaves: list[torch.Tensor],
+    kwargs: dict[str, Any],
+    namespace: str,
+) -> list[torch.Tensor]:
+    """Call ``f`` or ``g`` on a half-stream given as leaves; return its output's leaves."""
+    out = module(layout.spec.unflatten(leaves), **kwargs)
+    out_leaves, out_spec = _trees.flatten(out, namespace)
+    if out_spec != layout.spec:
+        raise RevtreeError(
+            f"block {index}: {which} returned a pytree of structure {out_spec}, but its input "
+            f"half-stream has structure {layout.spec}. Hint: {which} must return a pytree with "
+            "the structure of its input (same keys, same nesting, one tensor per leaf)."
+        )
+    return out_leaves
+
+
+def add(
+    x: list[torch.Tensor],
+    update: list[torch.Tensor],
+    which: str,
+    index: int,
+    layout: Layout,
+) -> list[torch.Tensor]:
+    """``x + update`` leaf by leaf, checking that the update keeps each leaf's shape and dtype."""
+    out = []
+    for name, a, b in zip(layout.names, x, update):
+        if not isinstance(b, torch.Tensor):
+            raise RevtreeError(
+                f"block {index}: {which} returned {_trees.describe(b)} at {name}, where the "
+                f"half-stream holds a tensor of shape {tuple(a.shape)}. "
+                f"Hint: {which} must return a tensor for every leaf."
+            )
+        try:
+            y = a + b
+        except RuntimeError as e:
+            y, error = None, e
+        if y is None or y.shape != a.shape or y.dtype != a.dtype or y.device != a.device:
+            raise RevtreeError(
+                f"block {index}: {which} returned {_trees.describe(b)} on {b.device} at {name}, "
+                f"which cannot be added to the half-stream leaf of {_trees.describe(a)} on "
+                f"{a.device} without changing it"
+                + (f" ({error})" if y is None else "")
+                + f". Hint: {which} must return, for every leaf, a tensor of its input's shape, "
+                "dtype and device (under autocast a lower-precision result is fine)."
+            )
+        out.append(y)
+    return out

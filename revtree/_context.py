@@ -1,0 +1,57 @@
+"""Keyword context for the blocks: its tensors, and which of ``f`` and ``g`` receive it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from optree import PyTreeSpec
+
+from . import _trees
+from ._errors import RevtreeError
+
+Route = Literal["f", "g", "both"]
+ROUTES: dict[str, tuple[bool, bool]] = {"f": (True, False), "g": (False, True), "both": (True, True)}
+
+
+@dataclass(frozen=True)
+class Context:
+    """The keyword arguments of one call, flattened once.
+
+    Tensor leaves anywhere in the keyword pytree become inputs of the autograd
+    Function (so they get exact gradients through it); every other leaf is kept as
+    it is. ``rebuild`` puts a new set of tensors (e.g. detached copies) back in.
+    """
+
+    spec: PyTreeSpec
+    leaves: tuple[Any, ...]
+    positions: tuple[int, ...]
+    to_f: bool
+    to_g: bool
+
+    @classmethod
+    def build(cls, kwargs: dict[str, Any], route: Route, namespace: str) -> Context:
+        """Flatten ``kwargs`` and note where its tensors are."""
+        if route not in ROUTES:
+            raise RevtreeError(
+                f"route={route!r} is not one of {sorted(ROUTES)}. "
+                "Hint: route='f' sends keyword arguments to f only, 'g' to g only, 'both' to both."
+            )
+        leaves, spec = _trees.flatten(kwargs, namespace)
+        positions = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
+        return cls(spec, tuple(leaves), positions, *ROUTES[route])
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensor leaves of the keyword arguments, in flattening order."""
+        return [self.leaves[i] for i in self.positions]
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The keyword arguments for ``f`` and for ``g``, with ``tensors`` in place of the originals."""
+        leaves = list(self.leaves)
+        for position, tensor in zip(self.positions, tensors):
+            leaves[position] = tensor
+        kwargs = self.spec.unflatten(leaves)
+        return (kwargs if self.to_f else {}), (kwargs if self.to_g else {})

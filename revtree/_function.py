@@ -1,0 +1,170 @@
+"""The autograd Function behind a run of reversible blocks.
+
+It stores only the final output streams (and the keyword tensors, which the caller holds
+anyway), and in backward walks the blocks in reverse, reconstructing each block's inputs
+from its outputs. Every gradient, for the input streams, the keyword tensors and the
+block parameters, is returned through the Function, computed with ``torch.autograd.grad``
+and never written to ``.grad`` from inside: so ``loss.backward()`` and
+``torch.autograd.grad`` both see exactly what plain autograd gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _rng
+from ._additive import StepInputs, forward_step, reverse_step
+from ._autocast import AutocastState
+from ._block import Block
+from ._context import Context
+from ._errors import RevtreeError
+from ._layout import Layout
+
+
+def _trainable(module: nn.Module, index: dict[int, int], params: list[nn.Parameter]) -> list[int]:
+    """Indices into ``params`` (extended as needed) of ``module``'s trainable parameters."""
+    out = []
+    for p in module.parameters():
+        if p.requires_grad:
+            if id(p) not in index:
+                index[id(p)] = len(params)
+                params.append(p)
+            out.append(index[id(p)])
+    return out
+
+
+@dataclass
+class Stack:
+    """A run of consecutive reversible blocks and everything their backward needs."""
+
+    blocks: list[Block]
+    start: int
+    layout: Layout
+    namespace: str
+    context: Context
+    preserve_rng: bool
+    params: list[nn.Parameter]
+    f_params: list[list[int]]
+    g_params: list[list[int]]
+
+    @classmethod
+    def build(
+        cls,
+        blocks: list[Block],
+        start: int,
+        layout: Layout,
+        namespace: str,
+        context: Context,
+        preserve_rng: bool,
+    ) -> Stack:
+        """Collect the blocks' trainable parameters once, shared ones once only."""
+        index: dict[int, int] = {}
+        params: list[nn.Parameter] = []
+        f_params = [_trainable(b.f, index, params) for b in blocks]
+        g_params = [_trainable(b.g, index, params) for b in blocks]
+        return cls(blocks, start, layout, namespace, context, preserve_rng, params, f_params, g_params)
+
+    def run(self, x1: list[torch.Tensor], x2: list[torch.Tensor]) -> tuple[list, list]:
+        """Run the blocks through the reversible Function; return the output streams."""
+        n = len(x1)
+        out = ReversibleFunction.apply(self, *x1, *x2, *self.context.tensors, *self.params)
+        return list(out[:n]), list(out[n:])
+
+
+class ReversibleFunction(torch.autograd.Function):
+    """Forward through a ``Stack`` without storing activations; reverse it in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, stack: Stack, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: D102
+        n = len(stack.layout.names)
+        n_kw = len(stack.context.positions)
+        x1, x2 = list(tensors[:n]), list(tensors[n : 2 * n])
+        kw = tensors[2 * n : 2 * n + n_kw]
+        devices = _rng.cuda_devices(tensors)
+        f_kwargs, g_kwargs = stack.context.rebuild(kw)
+        inputs = StepInputs(stack.layout, stack.namespace, f_kwargs, g_kwargs)
+        states: list[_rng.RngState] | None = [] if stack.preserve_rng else None
+        for offset, block in enumerate(stack.blocks):
+            x1, x2 = forward_step(block, stack.start + offset, x1, x2, inputs, states, devices)
+        ctx.stack = stack
+        ctx.states = states
+        ctx.devices = devices
+        ctx.autocast = AutocastState.capture(("cuda",) if devices else ())
+        ctx.versions = [p._version for p in stack.params]
+        ctx.save_for_backward(*x1, *x2, *kw)
+        return (*x1, *x2)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # noqa: D102
+        if torch.is_grad_enabled():
+            raise RevtreeError(
+                "double backward (create_graph=True) through a reversible stack is not "
+                "supported: its backward recomputes the blocks and is not itself differentiable. "
+                "Hint: build the stack with reversible=False for higher-order gradients."
+            )
+        stack: Stack = ctx.stack
+        _check_versions(stack, ctx.versions)
+        n = len(stack.layout.names)
+        n_kw = len(stack.context.positions)
+        saved = ctx.saved_tensors
+        y1, y2, kw = list(saved[:n]), list(saved[n : 2 * n]), saved[2 * n :]
+        dy1, dy2 = list(grads[:n]), list(grads[n:])
+
+        kw_needs = ctx.needs_input_grad[1 + 2 * n : 1 + 2 * n + n_kw]
+        kw_ = [t.detach().requires_grad_() if need else t for t, need in zip(kw, kw_needs)]
+        f_kwargs, g_kwargs = stack.context.rebuild(kw_)
+        inputs = StepInputs(stack.layout, stack.namespace, f_kwargs, g_kwargs)
+        kw_sources = [k for k, need in enumerate(kw_needs) if need]
+        f_kw = kw_sources if stack.context.to_f else []
+        g_kw = kw_sources if stack.context.to_g else []
+        kw_grads: list[Any] = [None] * n_kw
+        param_grads: list[Any] = [None] * len(stack.params)
+        states = ctx.states
+
+        with _rng.preserved(ctx.devices), ctx.autocast.replay():
+            for offset in reversed(range(len(stack.blocks))):
+                fp, gp = stack.f_params[offset], stack.g_params[offset]
+                rng = (states[2 * offset], states[2 * offset + 1]) if states else (None, None)
+                y1, y2, dy1, dy2, f_grads, g_grads = reverse_step(
+                    stack.blocks[offset],
+                    stack.start + offset,
+                    y1,
+                    y2,
+                    dy1,
+                    dy2,
+                    inputs,
+                    [*(stack.params[j] for j in fp), *(kw_[k] for k in f_kw)],
+                    [*(stack.params[j] for j in gp), *(kw_[k] for k in g_kw)],
+                    rng,
+                    ctx.devices,
+                )
+                _accumulate(param_grads, fp, f_grads[: len(fp)])
+                _accumulate(kw_grads, f_kw, f_grads[len(fp) :])
+                _accumulate(param_grads, gp, g_grads[: len(gp)])
+                _accumulate(kw_grads, g_kw, g_grads[len(gp) :])
+
+        x_needs = ctx.needs_input_grad[1 : 1 + 2 * n]
+        dx = [d if need else None for d, need in zip(chain(dy1, dy2), x_needs)]
+        return (None, *dx, *kw_grads, *param_grads)
+
+
+def _accumulate(total: list[Any], where: list[int], grads: list[Any]) -> None:
+    for j, grad in zip(where, grads):
+        if grad is not None:
+            total[j] = grad if total[j] is None else total[j] + grad
+
+
+def _check_versions(stack: Stack, versions: list[int]) -> None:
+    for p, version in zip(stack.params, versions):
+        if p._version != version:
+            raise RevtreeError(
+                f"a parameter of shape {tuple(p.shape)} in blocks {stack.start}.."
+                f"{stack.start + len(stack.blocks) - 1} was modified in place between the "
+                "forward and the backward pass, so the blocks cannot be recomputed. "
+                "Hint: call optimizer.step() after backward, not before."
+            )

@@ -1,0 +1,175 @@
+"""``ReversibleSequence``: a stack of reversible blocks over any pytree."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import chain, groupby
+from typing import Any
+
+import torch
+from optree import PyTreeSpec
+from torch import nn
+
+from . import _trees
+from ._additive import StepInputs, forward_step
+from ._block import Block, as_block
+from ._context import Context, Route
+from ._errors import RevtreeError
+from ._function import Stack
+from ._layout import Layout
+from .codecs import Codec, Split
+
+_LAYOUT_CACHE_SIZE = 32
+
+
+class ReversibleSequence(nn.Module):
+    """A stack of reversible blocks over an arbitrary pytree of tensors.
+
+    Each leaf of the input ``x`` is turned into two half-streams by its codec; every
+    block then computes ``y1 = x1 + f(x2, **kwargs)`` and ``y2 = x2 + g(y1)`` on the
+    half-stream pytrees, and the codecs merge the final streams into a pytree with the
+    structure of ``x``. Reversible blocks store no activations: backward reconstructs
+    each block's inputs from its outputs, so activation memory does not grow with depth,
+    and the gradients are those of plain autograd (dropout masks and autocast replayed).
+
+    Args:
+        blocks: ``(f, g)`` pairs of modules (or [`Block`][revtree.Block]s). ``f`` and ``g``
+            take a half-stream pytree and return a pytree of the same structure, a tensor
+            of the same shape for every leaf.
+        codec: One [`Codec`][revtree.codecs.Codec] for every leaf, or a pytree of codecs
+            that is a prefix of the input (e.g. ``{"tokens": Split(-1), "cls": Duplicate()}``).
+        reversible: ``True`` recomputes every block in backward; ``False`` runs the same
+            function with plain autograd (for A/B checks); a sequence of booleans, one per
+            block, mixes the two (blocks marked ``False`` store their activations).
+        route: Which of the two functions receive the keyword arguments of a call:
+            ``"f"`` (the default), ``"g"`` or ``"both"``.
+        preserve_rng_state: Replay the random generators in the recomputation so that
+            dropout draws the forward's masks. Turn off only for blocks that draw no
+            random numbers.
+        namespace: The optree namespace of custom pytree nodes in the input.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import revtree
+        >>> from revtree.codecs import Duplicate, Split
+        >>> def mlp():
+        ...     return nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+        >>> class PerLeaf(nn.Module):  # applies one MLP to each leaf of a dict
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.tokens, self.cls = mlp(), mlp()
+        ...     def forward(self, x):
+        ...         return {"tokens": self.tokens(x["tokens"]), "cls": self.cls(x["cls"])}
+        >>> seq = revtree.ReversibleSequence(
+        ...     [(PerLeaf(), PerLeaf()) for _ in range(3)],
+        ...     codec={"tokens": Split(-1), "cls": Duplicate()},
+        ... )
+        >>> x = {"tokens": torch.randn(2, 5, 8), "cls": torch.randn(2, 4)}
+        >>> y = seq(x)
+        >>> y["tokens"].shape, y["cls"].shape
+        (torch.Size([2, 5, 8]), torch.Size([2, 4]))
+        >>> y["tokens"].sum().backward()
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[Block | tuple[nn.Module, nn.Module]],
+        *,
+        codec: Codec | Any = Split(-1),
+        reversible: bool | Sequence[bool] = True,
+        route: Route = "f",
+        preserve_rng_state: bool = True,
+        namespace: str = "",
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([as_block(i, b) for i, b in enumerate(blocks)])
+        self.codec = codec
+        self.reversible = reversible
+        self.route = route
+        self.preserve_rng_state = preserve_rng_state
+        self.namespace = namespace
+        self._layouts: dict[PyTreeSpec, Layout] = {}
+
+    @property
+    def reversible(self) -> tuple[bool, ...]:
+        """For each block, whether it is recomputed in backward (``True``) or stores activations."""
+        return self._reversible
+
+    @reversible.setter
+    def reversible(self, value: bool | Sequence[bool]) -> None:
+        if isinstance(value, bool):
+            flags = (value,) * len(self.blocks)
+        else:
+            flags = tuple(value)
+            if len(flags) != len(self.blocks) or not all(isinstance(v, bool) for v in flags):
+                raise RevtreeError(
+                    f"reversible must be a bool or one bool per block ({len(self.blocks)}), "
+                    f"got {value!r}. Hint: reversible=[True, False, ...] marks each block."
+                )
+        self._reversible = flags
+
+    def extra_repr(self) -> str:  # noqa: D102
+        flags = self._reversible
+        mode = flags[0] if flags and len(set(flags)) == 1 else list(flags)
+        return f"codec={self.codec!r}, reversible={mode}, route={self.route!r}"
+
+    def forward(self, x: Any, /, **kwargs: Any) -> Any:
+        """Run every block on ``x``; keyword arguments go to ``f`` (or as ``route`` says).
+
+        Args:
+            x: A pytree of floating-point tensors.
+            **kwargs: Context for the blocks, any pytree; its tensors get exact gradients.
+
+        Returns:
+            A pytree with the structure of ``x``.
+        """
+        return self._run(x, kwargs, self.route)
+
+    def _layout(self, x: Any) -> Layout:
+        spec = optree_structure(x, self.namespace)
+        layout = self._layouts.get(spec)
+        if layout is None:
+            layout = Layout.build(x, self.codec, self.namespace)
+            if len(self._layouts) >= _LAYOUT_CACHE_SIZE:
+                self._layouts.clear()
+            self._layouts[spec] = layout
+        return layout
+
+    def _run(self, x: Any, kwargs: dict[str, Any], route: Route) -> Any:
+        layout = self._layout(x)
+        leaves, _ = _trees.flatten(x, self.namespace)
+        x1, x2 = layout.encode(leaves)
+        if not leaves:
+            return layout.decode(x1, x2)
+        context = Context.build(kwargs, route, self.namespace)
+        f_kwargs, g_kwargs = context.rebuild(context.tensors)
+        inputs = StepInputs(layout, self.namespace, f_kwargs, g_kwargs)
+        start = 0
+        for reversible, group in groupby(self._reversible):
+            stop = start + len(list(group))
+            blocks = list(self.blocks[start:stop])
+            if reversible and _needs_grad(x1, x2, context, blocks):
+                stack = Stack.build(
+                    blocks, start, layout, self.namespace, context, self.preserve_rng_state
+                )
+                x1, x2 = stack.run(x1, x2)
+            else:
+                for index, block in enumerate(blocks, start):
+                    x1, x2 = forward_step(block, index, x1, x2, inputs)
+            start = stop
+        return layout.decode(x1, x2)
+
+
+def optree_structure(x: Any, namespace: str) -> PyTreeSpec:
+    """The structure of ``x`` under revtree's pytree policy."""
+    return _trees.flatten(x, namespace)[1]
+
+
+def _needs_grad(x1: list, x2: list, context: Context, blocks: list[Block]) -> bool:
+    """Whether autograd will need a graph: otherwise blocks run plainly, storing nothing."""
+    if not torch.is_grad_enabled():
+        return False
+    if any(t.requires_grad for t in chain(x1, x2, context.tensors)):
+        return True
+    return any(p.requires_grad for b in blocks for p in b.parameters())

@@ -1,0 +1,57 @@
+"""revtree's pytree policy, in one place.
+
+Trees are walked by optree with its defaults: ``None`` is an empty node, not a leaf
+(so a ``None`` in the input passes through untouched), dicts are ordered by sorted key,
+and custom nodes registered with optree are nodes too, looked up in ``namespace``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optree
+from optree import PyTreeSpec
+
+from ._errors import RevtreeError
+
+NONE_IS_LEAF = False
+
+
+def flatten(tree: Any, namespace: str) -> tuple[list[Any], PyTreeSpec]:
+    """Flatten ``tree`` into its leaves and structure under revtree's policy."""
+    return optree.tree_flatten(tree, none_is_leaf=NONE_IS_LEAF, namespace=namespace)
+
+
+def flatten_with_names(
+    tree: Any, namespace: str
+) -> tuple[list[tuple[Any, ...]], list[str], list[Any], PyTreeSpec]:
+    """Flatten ``tree``, also returning each leaf's key path and its printable accessor."""
+    paths, leaves, spec = optree.tree_flatten_with_path(
+        tree, none_is_leaf=NONE_IS_LEAF, namespace=namespace
+    )
+    names = [accessor.codify("x") for accessor in spec.accessors()]
+    return paths, names, leaves, spec
+
+
+def broadcast_prefix(prefix: Any, tree: Any, namespace: str, what: str) -> list[Any]:
+    """Broadcast ``prefix`` to the leaves of ``tree``, with a revtree error if it is no prefix."""
+    try:
+        return optree.broadcast_prefix(
+            prefix, tree, none_is_leaf=NONE_IS_LEAF, namespace=namespace
+        )
+    except ValueError as e:
+        raise RevtreeError(
+            f"the {what} tree is not a prefix of the input tree: {e}\n"
+            f"{what} structure: {optree.tree_structure(prefix, namespace=namespace)}\n"
+            f"input structure: {optree.tree_structure(tree, namespace=namespace)}\n"
+            f"Hint: give one {what} for the whole input, or a tree whose nodes match the "
+            f"input's from the root down, with a {what} where a whole subtree shares one."
+        ) from None
+
+
+def describe(leaf: Any) -> str:
+    """A short description of a leaf for error messages: shape and dtype, or its type."""
+    shape = getattr(leaf, "shape", None)
+    if shape is not None and hasattr(leaf, "dtype"):
+        return f"shape {tuple(shape)} {leaf.dtype}"
+    return f"a {type(leaf).__name__}"

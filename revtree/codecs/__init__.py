@@ -1,0 +1,9 @@
+"""Leaf codecs: how each leaf of the input becomes the two half-streams and back."""
+
+from ._base import Codec as Codec
+from ._base import KeyPath as KeyPath
+from ._duplicate import Duplicate as Duplicate
+from ._rearrange import Rearrange as Rearrange
+from ._split import Split as Split
+
+__all__ = ["Codec", "Duplicate", "KeyPath", "Rearrange", "Split"]

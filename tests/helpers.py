@@ -1,0 +1,190 @@
+"""Shared test helpers: a catalogue of trees, tree comparison, generic blocks, a reference."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, namedtuple
+from typing import Any
+
+import optree
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+from revtree.codecs import Duplicate, Rearrange, Split
+
+Point = namedtuple("Point", ["pos", "vel"])
+DTYPE = torch.float64
+TOL = 1e-10
+INTERLEAVE = "... (c two) -> two ... c"
+
+
+def t(*shape: int, requires_grad: bool = True, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=DTYPE).requires_grad_(requires_grad)
+
+
+def tree_catalogue() -> list[Any]:
+    """Edge-case input trees: every leaf has an even last dimension."""
+    return [
+        t(3, 4),
+        (t(3, 4),),
+        [t(2, 6), t(4)],
+        {"a": t(2, 4), "b": None, "c": ()},
+        {"tokens": t(2, 3, 4), "cls": t(2, 4)},
+        Point(t(5, 2), t(5, 2)),
+        OrderedDict(z=t(2, 2), a=t(2, 8)),
+        {"outer": {"inner": [t(2, 4), (t(1, 2), Point(t(2, 4), t(3, 2)))]}},
+    ]
+
+
+def assert_trees_close(actual: Any, expected: Any, tol: float = TOL, what: str = "") -> None:
+    """Leaf by leaf, with the key path of the first leaf that differs."""
+    paths, a_leaves, a_spec = optree.tree_flatten_with_path(actual)
+    e_leaves, e_spec = optree.tree_flatten(expected)
+    assert a_spec == e_spec, f"{what}: structure {a_spec} != {e_spec}"
+    for path, a, e in zip(paths, a_leaves, e_leaves):
+        if a is None or e is None:
+            assert a is None and e is None, f"{what} at {path}: {a} vs {e}"
+            continue
+        assert a.shape == e.shape and a.dtype == e.dtype, f"{what} at {path}"
+        diff = (a - e).abs().max().item() if a.numel() else 0.0
+        scale = max(1.0, e.abs().max().item() if e.numel() else 0.0)
+        assert diff <= tol * scale, f"{what} at {path}: max difference {diff:.3e}"
+
+
+class TreeMixer(nn.Module):
+    """A block function for any tree: a linear map per leaf, mixed across leaves, optional dropout.
+
+    ``widths`` are the last-dimension sizes of the half-stream's leaves in flattening order.
+    Keyword context ``ctx`` (a tensor or a tree of tensors) is folded in when given.
+    """
+
+    def __init__(self, widths: list[int], dropout: float = 0.0, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.linears = nn.ModuleList(nn.Linear(w, w, dtype=DTYPE) for w in widths)
+        for lin in self.linears:
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g, dtype=DTYPE) * 0.5)
+                lin.bias.copy_(torch.randn(lin.bias.shape, generator=g, dtype=DTYPE) * 0.1)
+        self.mix = nn.Parameter(torch.randn(len(widths), generator=g, dtype=DTYPE) * 0.3)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tree: Any, ctx: Any = None, scale: float = 1.0) -> Any:
+        leaves, spec = optree.tree_flatten(tree)
+        summary = sum(m * leaf.mean() for m, leaf in zip(self.mix, leaves))
+        if ctx is not None:
+            summary = summary + sum(c.tanh().mean() for c in optree.tree_leaves(ctx))
+        out = [
+            self.dropout(torch.tanh(lin(leaf) + summary)) * scale
+            for lin, leaf in zip(self.linears, leaves)
+        ]
+        return spec.unflatten(out)
+
+
+def encode_reference(codec: Any, leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An independent encoding, written from the definitions of the built-in codecs."""
+    if isinstance(codec, Split):
+        h = leaf.shape[codec.dim] // 2
+        return leaf.narrow(codec.dim, 0, h), leaf.narrow(codec.dim, h, h)
+    if isinstance(codec, Duplicate):
+        return leaf, leaf
+    if isinstance(codec, Rearrange) and codec.pattern == INTERLEAVE:
+        return leaf[..., 0::2], leaf[..., 1::2]
+    raise NotImplementedError(codec)
+
+
+def decode_reference(codec: Any, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    if isinstance(codec, Split):
+        return torch.cat([y1, y2], dim=codec.dim)
+    if isinstance(codec, Duplicate):
+        return 0.5 * (y1 + y2)
+    if isinstance(codec, Rearrange) and codec.pattern == INTERLEAVE:
+        return torch.stack([y1, y2], dim=-1).flatten(-2)
+    raise NotImplementedError(codec)
+
+
+def reference(
+    x: Any,
+    blocks: list[tuple[nn.Module, nn.Module]],
+    codecs: list[Any],
+    f_kwargs: dict | None = None,
+    g_kwargs: dict | None = None,
+) -> Any:
+    """Plain autograd, written independently of revtree: encode, couple, decode."""
+    leaves, spec = optree.tree_flatten(x)
+    pairs = [encode_reference(c, leaf) for c, leaf in zip(codecs, leaves)]
+    x1 = spec.unflatten([p[0] for p in pairs])
+    x2 = spec.unflatten([p[1] for p in pairs])
+    for f, g in blocks:
+        x1 = optree.tree_map(torch.add, x1, f(x2, **(f_kwargs or {})))
+        x2 = optree.tree_map(torch.add, x2, g(x1, **(g_kwargs or {})))
+    y1, y2 = optree.tree_leaves(x1), optree.tree_leaves(x2)
+    return spec.unflatten([decode_reference(c, a, b) for c, a, b in zip(codecs, y1, y2)])
+
+
+def make_blocks(
+    widths: list[int], depth: int, dropout: float = 0.0, seed: int = 0
+) -> list[tuple[nn.Module, nn.Module]]:
+    return [
+        (
+            TreeMixer(widths, dropout, seed=seed + 2 * i),
+            TreeMixer(widths, dropout, seed=seed + 2 * i + 1),
+        )
+        for i in range(depth)
+    ]
+
+
+def half_widths(x: Any, codecs: list[Any]) -> list[int]:
+    return [
+        encode_reference(c, leaf)[0].shape[-1] for c, leaf in zip(codecs, optree.tree_leaves(x))
+    ]
+
+
+# hypothesis strategies --------------------------------------------------------------------
+
+shapes = st.lists(st.integers(1, 3), min_size=0, max_size=2).flatmap(
+    lambda batch: st.integers(1, 3).map(lambda half: (*batch, 2 * half))
+)
+"""Leaf shapes: up to two batch dimensions and an even last dimension."""
+
+
+def trees(leaf: st.SearchStrategy = shapes) -> st.SearchStrategy:
+    """Random pytrees of ``leaf``: dicts, tuples, lists, namedtuples, nested, with Nones."""
+
+    def nodes(children: st.SearchStrategy) -> st.SearchStrategy:
+        keys = st.sampled_from(["a", "b", "tok", "cls", "z"])
+        return st.one_of(
+            st.dictionaries(keys, children, min_size=1, max_size=3),
+            st.lists(children, min_size=1, max_size=3),
+            st.lists(children, min_size=1, max_size=3).map(tuple),
+            st.tuples(children, children).map(lambda p: Point(*p)),
+            st.tuples(children, st.none()).map(lambda p: {"x": p[0], "none": p[1]}),
+        )
+
+    return st.recursive(leaf, nodes, max_leaves=5)
+
+
+def materialize(structure: Any, seed: int, requires_grad: list[bool] | None = None) -> Any:
+    """Turn a tree of shapes into a tree of float64 tensors."""
+    shapes_, spec = optree.tree_flatten(structure, is_leaf=lambda s: isinstance(s, tuple) and all(
+        isinstance(i, int) for i in s))
+    flags = requires_grad or [True] * len(shapes_)
+    leaves = [
+        t(*shape, requires_grad=flag, seed=seed + i)
+        for i, (shape, flag) in enumerate(zip(shapes_, flags))
+    ]
+    return spec.unflatten(leaves)
+
+
+def codec_for(leaf: torch.Tensor, choice: int) -> Any:
+    """A codec that fits ``leaf``: Split on the last dim, Split on another even dim, or Duplicate."""
+    if choice == 1:
+        return Duplicate()
+    if choice == 2:
+        for dim in range(leaf.dim() - 1):
+            if leaf.shape[dim] % 2 == 0:
+                return Split(dim)
+    if choice == 3:
+        return Rearrange(INTERLEAVE, two=2)
+    return Split(-1)
