@@ -60,13 +60,15 @@ def _grad_outputs(outputs: Leaves, grads: Leaves) -> tuple[Leaves, Leaves]:
         if out.requires_grad:
             if grad.shape != out.shape:  # the output was broadcast in the addition
                 grad = grad.sum_to_size(out.shape)
+            if grad.dtype != out.dtype:  # autocast: the addition promoted a lower precision
+                grad = grad.to(out.dtype)
             kept.append(out)
-            kept_grads.append(grad.to(out.dtype))
+            kept_grads.append(grad)
     return kept, kept_grads
 
 
 def vjp(outputs: Leaves, grads: Leaves, inputs: Sequence[torch.Tensor]) -> list[Any]:
-    """Vector-Jacobian product of ``outputs`` with ``grads`` w.r.t. ``inputs`` (``None`` if unused)."""
+    """The vector-Jacobian product w.r.t. ``inputs``, ``None`` for an input left unused."""
     kept, kept_grads = _grad_outputs(outputs, grads)
     if not kept:
         return [None] * len(inputs)

@@ -1,4 +1,4 @@
-"""A block: the pair of modules ``(f, g)`` of one coupling, and how they are called on leaf lists."""
+"""A block: the modules ``(f, g)`` of one coupling, and how they are called on leaf lists."""
 
 from __future__ import annotations
 

@@ -13,7 +13,11 @@ from . import _trees
 from ._errors import RevtreeError
 
 Route = Literal["f", "g", "both"]
-ROUTES: dict[str, tuple[bool, bool]] = {"f": (True, False), "g": (False, True), "both": (True, True)}
+ROUTES: dict[str, tuple[bool, bool]] = {
+    "f": (True, False),
+    "g": (False, True),
+    "both": (True, True),
+}
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class Context:
         return [self.leaves[i] for i in self.positions]
 
     def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The keyword arguments for ``f`` and for ``g``, with ``tensors`` in place of the originals."""
+        """The keyword arguments for ``f`` and for ``g``, with ``tensors`` put in."""
         leaves = list(self.leaves)
         for position, tensor in zip(self.positions, tensors):
             leaves[position] = tensor

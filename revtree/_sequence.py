@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import chain, groupby
+from itertools import groupby
 from typing import Any
 
 import torch
@@ -149,12 +149,14 @@ class ReversibleSequence(nn.Module):
         for reversible, group in groupby(self._reversible):
             stop = start + len(list(group))
             blocks = list(self.blocks[start:stop])
-            if reversible and _needs_grad(x1, x2, context, blocks):
+            stack = None
+            if reversible and torch.is_grad_enabled():
                 stack = Stack.build(
                     blocks, start, layout, self.namespace, context, self.preserve_rng_state
                 )
+            if stack is not None and stack.needs_grad(x1, x2):
                 x1, x2 = stack.run(x1, x2)
-            else:
+            else:  # plain autograd, or nothing needs a gradient: store nothing, capture nothing
                 for index, block in enumerate(blocks, start):
                     x1, x2 = forward_step(block, index, x1, x2, inputs)
             start = stop
@@ -164,12 +166,3 @@ class ReversibleSequence(nn.Module):
 def optree_structure(x: Any, namespace: str) -> PyTreeSpec:
     """The structure of ``x`` under revtree's pytree policy."""
     return _trees.flatten(x, namespace)[1]
-
-
-def _needs_grad(x1: list, x2: list, context: Context, blocks: list[Block]) -> bool:
-    """Whether autograd will need a graph: otherwise blocks run plainly, storing nothing."""
-    if not torch.is_grad_enabled():
-        return False
-    if any(t.requires_grad for t in chain(x1, x2, context.tensors)):
-        return True
-    return any(p.requires_grad for b in blocks for p in b.parameters())

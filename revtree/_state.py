@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from typing import Any
 
 _local = threading.local()
 
@@ -45,12 +44,20 @@ def current_block() -> int | None:
     return getattr(_local, "block", None)
 
 
-@contextmanager
-def running(block: int, *, recomputing: bool) -> Iterator[None]:
-    """Mark ``block`` as running (and maybe recomputing) for the duration of the context."""
-    previous = (getattr(_local, "block", None), getattr(_local, "recomputing", False))
-    _local.block, _local.recomputing = block, recomputing
-    try:
-        yield
-    finally:
-        _local.block, _local.recomputing = previous
+class running:  # noqa: N801 (used as a context manager, like contextlib's)
+    """Mark ``block`` as running (and maybe recomputing) for the duration of the context.
+
+    A plain class rather than ``@contextmanager``: it is entered twice per block.
+    """
+
+    __slots__ = ("_entry", "_previous")
+
+    def __init__(self, block: int, *, recomputing: bool) -> None:
+        self._entry = (block, recomputing)
+
+    def __enter__(self) -> None:
+        self._previous = (getattr(_local, "block", None), getattr(_local, "recomputing", False))
+        _local.block, _local.recomputing = self._entry
+
+    def __exit__(self, *exc: Any) -> None:
+        _local.block, _local.recomputing = self._previous

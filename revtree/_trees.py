@@ -36,12 +36,11 @@ def flatten_with_names(
 def broadcast_prefix(prefix: Any, tree: Any, namespace: str, what: str) -> list[Any]:
     """Broadcast ``prefix`` to the leaves of ``tree``, with a revtree error if it is no prefix."""
     try:
-        return optree.broadcast_prefix(
-            prefix, tree, none_is_leaf=NONE_IS_LEAF, namespace=namespace
-        )
+        return optree.broadcast_prefix(prefix, tree, none_is_leaf=NONE_IS_LEAF, namespace=namespace)
     except ValueError as e:
+        reason = str(e).rsplit("; ", 1)[0]  # drop optree's repr of the node, tensor values and all
         raise RevtreeError(
-            f"the {what} tree is not a prefix of the input tree: {e}\n"
+            f"the {what} tree is not a prefix of the input tree: {reason}\n"
             f"{what} structure: {optree.tree_structure(prefix, namespace=namespace)}\n"
             f"input structure: {optree.tree_structure(tree, namespace=namespace)}\n"
             f"Hint: give one {what} for the whole input, or a tree whose nodes match the "

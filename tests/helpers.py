@@ -167,8 +167,9 @@ def trees(leaf: st.SearchStrategy = shapes) -> st.SearchStrategy:
 
 def materialize(structure: Any, seed: int, requires_grad: list[bool] | None = None) -> Any:
     """Turn a tree of shapes into a tree of float64 tensors."""
-    shapes_, spec = optree.tree_flatten(structure, is_leaf=lambda s: isinstance(s, tuple) and all(
-        isinstance(i, int) for i in s))
+    shapes_, spec = optree.tree_flatten(
+        structure, is_leaf=lambda s: isinstance(s, tuple) and all(isinstance(i, int) for i in s)
+    )
     flags = requires_grad or [True] * len(shapes_)
     leaves = [
         t(*shape, requires_grad=flag, seed=seed + i)
@@ -178,7 +179,7 @@ def materialize(structure: Any, seed: int, requires_grad: list[bool] | None = No
 
 
 def codec_for(leaf: torch.Tensor, choice: int) -> Any:
-    """A codec that fits ``leaf``: Split on the last dim, Split on another even dim, or Duplicate."""
+    """A codec that fits ``leaf``: Split(-1), Duplicate, Split on another dim, Rearrange."""
     if choice == 1:
         return Duplicate()
     if choice == 2:

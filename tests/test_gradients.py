@@ -51,8 +51,11 @@ def _step(forward, sources, mode, seed):
 def cases(draw):
     structure = draw(trees())
     seed = draw(st.integers(0, 1000))
-    n = len(optree.tree_leaves(structure, is_leaf=lambda s: isinstance(s, tuple) and all(
-        isinstance(i, int) for i in s)))
+    n = len(
+        optree.tree_leaves(
+            structure, is_leaf=lambda s: isinstance(s, tuple) and all(isinstance(i, int) for i in s)
+        )
+    )
     flags = draw(st.lists(st.booleans(), min_size=n, max_size=n))
     x = materialize(structure, seed, flags)
     leaves, spec = optree.tree_flatten(x)
@@ -67,8 +70,9 @@ def cases(draw):
         route=draw(st.sampled_from(["f", "g", "both"])),
         mode=draw(st.sampled_from(["backward", "grad"])),
         with_ctx=draw(st.booleans()),
-        reversible=draw(st.one_of(st.just(True), st.lists(st.booleans(), min_size=depth,
-                                                            max_size=depth))),
+        reversible=draw(
+            st.one_of(st.just(True), st.lists(st.booleans(), min_size=depth, max_size=depth))
+        ),
         seed=seed,
     )
 
@@ -131,8 +135,9 @@ def test_gradients_nonzero_and_complete(mode):
     seq = revtree.ReversibleSequence(blocks)
     sources = [*optree.tree_leaves(x), upstream, *seq.parameters()]
     _, grads, _ = _step(lambda: seq(x, ctx=upstream * 3), sources, mode, 0)
-    _, expected, _ = _step(lambda: reference(x, blocks, codecs, {"ctx": upstream * 3}),
-                           sources, mode, 0)
+    _, expected, _ = _step(
+        lambda: reference(x, blocks, codecs, {"ctx": upstream * 3}), sources, mode, 0
+    )
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
     assert_trees_close(grads, expected)
 

@@ -1,0 +1,277 @@
+"""Reversible vs plain autograd: memory and time as a function of depth.
+
+The same ``ReversibleSequence`` of MLP blocks is run two ways: "plain" (``reversible=False``,
+ordinary autograd, every block stores its activations) and "revtree" (``reversible=True``,
+activations are recomputed in backward). Three measurements:
+
+1. Memory held between forward and backward, and the peak of one training step. Each
+   (system, depth) runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536``, so
+   that large freed buffers go back to the OS and the process RSS tracks live tensors.
+2. Step time (forward + backward) and no-grad forward time, timed interleaved in one
+   process (plain, revtree, plain, revtree, ...) so that machine noise hits both alike.
+3. A summary against the targets: revtree's held memory flat in depth, far below plain's.
+
+Usage:
+    python benchmarks/depth.py            # depths 4 8 16 32, about 3 minutes on 1 thread
+    python benchmarks/depth.py --quick    # small input, depths 4 and 16, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import revtree
+
+KEYS = ("a", "b")
+SYSTEMS = ("plain", "revtree")
+MB = 2**20
+PAGE = os.sysconf("SC_PAGE_SIZE")
+HELD_TARGET = 1.25  # revtree held memory, max depth / min depth, at most
+PLAIN_TARGET = 1 / 8  # revtree / plain held memory at max depth, below
+
+
+class PerLeafMLP(nn.Module):
+    """Maps a dict half-stream to a dict of the same keys, one MLP per leaf."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.mlps = nn.ModuleDict(
+            {
+                k: nn.Sequential(
+                    nn.LayerNorm(width),
+                    nn.Linear(width, hidden),
+                    nn.GELU(),
+                    nn.Linear(hidden, width),
+                )
+                for k in KEYS
+            }
+        )
+
+    def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: self.mlps[k](v) for k, v in x.items()}
+
+
+def build(
+    depth: int, shape: tuple[int, ...], reversible: bool
+) -> tuple[revtree.ReversibleSequence, dict[str, torch.Tensor]]:
+    """The model (``Split(-1)`` codec, so each half-stream leaf has half the channels) and input."""
+    torch.manual_seed(0)
+    width = shape[-1] // 2
+    blocks = [(PerLeafMLP(width, 4 * width), PerLeafMLP(width, 4 * width)) for _ in range(depth)]
+    seq = revtree.ReversibleSequence(blocks, codec=revtree.codecs.Split(-1), reversible=reversible)
+    x = {k: torch.randn(shape, requires_grad=True) for k in KEYS}
+    return seq, x
+
+
+def loss_of(y: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sum(v.sum() for v in y.values())  # type: ignore[return-value]
+
+
+def train_step(seq: nn.Module, x: dict[str, torch.Tensor]) -> None:
+    loss_of(seq(x)).backward()
+    seq.zero_grad(set_to_none=True)
+    for v in x.values():
+        v.grad = None
+
+
+def no_grad_forward(seq: nn.Module, x: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        seq(x)
+
+
+# ---------------------------------------------------------------- memory (one subprocess each)
+
+
+def rss() -> int:
+    """Resident set size of this process, in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark VmHWM to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss() -> int:
+    """VmHWM, the peak resident set size since the last reset, in bytes."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def measure_memory(system: str, depth: int, shape: tuple[int, ...]) -> dict[str, float | None]:
+    """Run in the subprocess: held and peak RSS growth, in MB, of one training step."""
+    seq, x = build(depth, shape, reversible=system == "revtree")
+    train_step(seq, x)  # warm-up: allocator pools, lazy initialisation
+    gc.collect()
+    can_peak = reset_peak_rss()
+    before = rss()
+    y = seq(x)
+    held = rss() - before
+    loss_of(y).backward()
+    peak = peak_rss() - before if can_peak else None
+    params = sum(p.numel() * p.element_size() for p in seq.parameters())
+    return {"held": held / MB, "peak": None if peak is None else peak / MB, "params": params / MB}
+
+
+def memory_in_subprocess(
+    system: str, depth: int, shape: tuple[int, ...], threads: int
+) -> dict[str, float | None]:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    shape_arg = ",".join(map(str, shape))
+    cmd = [sys.executable, __file__, "--threads", str(threads), "--shape", shape_arg]
+    cmd += ["--memory-worker", f"{system}:{depth}"]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- time (interleaved, one process)
+
+
+@dataclass
+class Timing:
+    step: float  # seconds, median
+    forward: float  # seconds, median, under torch.no_grad
+
+
+def measure_time(depth: int, shape: tuple[int, ...], repeats: int) -> dict[str, Timing]:
+    """Median step and no-grad forward times of both systems, timed alternately."""
+    seq, x = build(depth, shape, reversible=True)
+    flags = {"plain": False, "revtree": True}  # one model, so both systems share weights
+
+    def run(system: str, fn: Callable[[nn.Module, dict[str, torch.Tensor]], None]) -> float:
+        seq.reversible = flags[system]
+        gc.collect()
+        start = time.perf_counter()
+        fn(seq, x)
+        return time.perf_counter() - start
+
+    steps: dict[str, list[float]] = {s: [] for s in SYSTEMS}
+    forwards: dict[str, list[float]] = {s: [] for s in SYSTEMS}
+    for s in SYSTEMS:  # warm-up
+        run(s, train_step)
+    for _ in range(repeats):
+        for s in SYSTEMS:
+            steps[s].append(run(s, train_step))
+            forwards[s].append(run(s, no_grad_forward))
+    return {s: Timing(statistics.median(steps[s]), statistics.median(forwards[s])) for s in SYSTEMS}
+
+
+# ---------------------------------------------------------------- report
+
+
+def progress(message: str) -> None:
+    """One overwritten status line on a terminal, plain lines otherwise."""
+    if sys.stderr.isatty():
+        print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
+    elif message:
+        print(message, file=sys.stderr, flush=True)
+
+
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--quick", action="store_true", help="small input, depths 4 16")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per system")
+    parser.add_argument("--shape", default=None, help="input leaf shape, e.g. 16,128,256")
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    shape = (4, 64, 256) if args.quick else (16, 128, 256)
+    if args.shape:
+        shape = tuple(int(n) for n in args.shape.split(","))
+    if args.memory_worker:
+        system, depth = args.memory_worker.split(":")
+        print(json.dumps(measure_memory(system, int(depth), shape)))
+        return
+    depths = [4, 16] if args.quick else sorted(args.depths)
+    repeats = args.repeats or (3 if args.quick else 5)
+
+    print(f"revtree {revtree.__version__}, torch {torch.__version__}, {args.threads} thread(s)")
+    print(f"input {{'a', 'b'}}: {shape} float32 each, codec Split(-1)")
+    print("block: f and g map each half-stream leaf through LayerNorm -> Linear -> GELU -> Linear")
+    print(f"  ({shape[-1] // 2} -> {2 * shape[-1]} -> {shape[-1] // 2} channels)\n")
+
+    memory: dict[tuple[str, int], dict[str, float | None]] = {}
+    runs = [(s, d) for d in depths for s in SYSTEMS]
+    for i, (s, d) in enumerate(runs, 1):
+        progress(f"memory: {s} depth {d} ({i}/{len(runs)})")
+        memory[s, d] = memory_in_subprocess(s, d, shape, args.threads)
+    timing: dict[int, dict[str, Timing]] = {}
+    for i, d in enumerate(depths, 1):
+        progress(f"time: depth {d} ({i}/{len(depths)}), {repeats} interleaved repeats")
+        timing[d] = measure_time(d, shape, repeats)
+    progress("")
+
+    print("Memory: process RSS growth, fresh subprocess per row, MALLOC_MMAP_THRESHOLD_=65536")
+    print("  held = RSS after forward - RSS before forward (what backward will need)")
+    print("  peak = VmHWM after backward - RSS before forward (VmHWM reset via clear_refs);")
+    print("         it includes the parameter gradients, which backward allocates (param MB)")
+    header = f"{'system':<8} {'depth':>5} {'held MB':>9} {'x plain':>8}"
+    print(f"{header} {'peak MB':>9} {'param MB':>9}")
+    for d in depths:
+        for s in SYSTEMS:
+            m = memory[s, d]
+            ratio = m["held"] / memory["plain", d]["held"]  # type: ignore[operator]
+            row = f"{s:<8} {d:>5} {fmt(m['held']):>9} {ratio:>8.3f}"
+            print(f"{row} {fmt(m['peak']):>9} {fmt(m['params']):>9}")
+
+    print(f"\nTime: median of {repeats}, plain and revtree interleaved in one process")
+    print("  step = forward + backward; forward = under torch.no_grad")
+    header = f"{'system':<8} {'depth':>5} {'step ms':>9} {'x plain':>8}"
+    print(f"{header} {'forward ms':>11} {'x plain':>8}")
+    for d in depths:
+        for s in SYSTEMS:
+            t, p = timing[d][s], timing[d]["plain"]
+            row = f"{s:<8} {d:>5} {t.step * 1e3:>9.1f} {t.step / p.step:>8.2f}"
+            print(f"{row} {t.forward * 1e3:>11.1f} {t.forward / p.forward:>8.2f}")
+
+    lo, hi = depths[0], depths[-1]
+    flat = memory["revtree", hi]["held"] / memory["revtree", lo]["held"]  # type: ignore[operator]
+    vs_plain = memory["revtree", hi]["held"] / memory["plain", hi]["held"]  # type: ignore[operator]
+    step_ratios = [timing[d]["revtree"].step / timing[d]["plain"].step for d in depths]
+
+    def verdict(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
+    print("\nSummary")
+    print(
+        f"  revtree held memory, depth {hi} / depth {lo}: {flat:.2f}x "
+        f"(target <= {HELD_TARGET}) {verdict(flat <= HELD_TARGET)}"
+    )
+    print(
+        f"  revtree / plain held memory at depth {hi}: {vs_plain:.3f} "
+        f"(target < 1/{round(1 / PLAIN_TARGET)}) {verdict(vs_plain < PLAIN_TARGET)}"
+    )
+    print(
+        f"  revtree / plain step time: {step_ratios[-1]:.2f}x at depth {hi} "
+        f"(from {min(step_ratios):.2f}x to {max(step_ratios):.2f}x over depths)"
+    )
+
+
+if __name__ == "__main__":
+    main()

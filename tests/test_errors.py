@@ -1,0 +1,133 @@
+"""Bad input: one RevtreeError naming the block, the key path and the shapes, with a hint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TreeMixer, make_blocks, t
+from torch import nn
+
+import revtree
+from revtree.codecs import Duplicate, Split
+
+
+class Returns(nn.Module):
+    """A block function returning what ``fn`` makes of its input."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.w = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x):
+        return self.fn(x, self.w)
+
+
+def _ok():
+    return Returns(lambda x, w: {k: v * w for k, v in x.items()})
+
+
+def _raises(match, seq, x, **kwargs):
+    before = {k: (v.clone(), v._version) for k, v in x.items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(revtree.RevtreeError, match=match):
+        seq(x, **kwargs)
+    for k, v in x.items():  # nothing of the caller's is changed
+        assert torch.equal(v, before[k][0]) and v._version == before[k][1] and v.grad is None
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_f_returns_another_structure():
+    bad = Returns(lambda x, w: {"other": x["a"] * w})
+    seq = revtree.ReversibleSequence([(_ok(), _ok()), (bad, _ok())])
+    _raises(r"block 1: f returned a pytree of structure .*'other'.* Hint", seq, {"a": t(2, 4)})
+
+
+def test_g_returns_a_non_tensor_leaf():
+    bad = Returns(lambda x, w: {"a": 1.0})
+    seq = revtree.ReversibleSequence([(_ok(), bad)])
+    _raises(r"block 0: g returned a float at x\['a'\].*shape \(2, 2\)", seq, {"a": t(2, 4)})
+
+
+def test_f_changes_the_shape():
+    bad = Returns(lambda x, w: {"a": x["a"].sum(-1) * w})
+    seq = revtree.ReversibleSequence([(bad, _ok())])
+    _raises(r"block 0: f returned shape \(3,\).*at x\['a'\].*shape \(3, 2\)", seq, {"a": t(3, 4)})
+
+
+def test_f_changes_the_dtype():
+    bad = Returns(lambda x, w: {"a": (x["a"] * w).double()})
+    seq = revtree.ReversibleSequence([(_ok(), _ok()), (bad, _ok())]).float()
+    x = {"a": t(3, 4).float().detach().requires_grad_()}
+    _raises(r"block 1: f returned shape \(3, 2\) torch.float64.*torch.float32", seq, x)
+
+
+def test_odd_split_names_the_key_path_and_shape():
+    seq = revtree.ReversibleSequence([(_ok(), _ok())])
+    _raises(
+        r"input leaf x\['b'\] \(shape \(2, 3\) torch.float64\).*odd size 3.*Hint",
+        seq,
+        {"a": t(2, 4), "b": t(2, 3)},
+    )
+
+
+def test_codec_tree_not_a_prefix():
+    seq = revtree.ReversibleSequence([(_ok(), _ok())], codec={"a": Split(-1), "z": Duplicate()})
+    _raises(r"(?s)codec tree is not a prefix.*missing key.*'z'.*Hint", seq, {"a": t(2, 4)})
+
+
+def test_codec_tree_with_a_non_codec():
+    seq = revtree.ReversibleSequence([(_ok(), _ok())], codec={"a": "split"})
+    _raises(r"codec for input leaf x\['a'\] is 'split'", seq, {"a": t(2, 4)})
+
+
+def test_non_tensor_leaf_in_the_input():
+    seq = revtree.ReversibleSequence([(_ok(), _ok())])
+    with pytest.raises(revtree.RevtreeError, match=r"input leaf x\['n'\] is a int.*keyword"):
+        seq({"a": t(2, 4), "n": 3})
+
+
+def test_integer_leaf_in_the_input():
+    seq = revtree.ReversibleSequence([(_ok(), _ok())])
+    with pytest.raises(revtree.RevtreeError, match=r"x\['i'\] is shape \(2, 4\) torch.int64"):
+        seq({"a": t(2, 4), "i": torch.zeros(2, 4, dtype=torch.long)})
+
+
+def test_block_that_is_not_a_pair():
+    with pytest.raises(revtree.RevtreeError, match="block 1 is Linear, not a pair"):
+        revtree.ReversibleSequence([(_ok(), _ok()), nn.Linear(2, 2)])
+    with pytest.raises(revtree.RevtreeError, match="block 0 is tuple"):
+        revtree.ReversibleSequence([(_ok(), lambda x: x)])
+
+
+def test_bad_route_and_flags():
+    with pytest.raises(revtree.RevtreeError, match="route='h'"):
+        revtree.ReversibleSequence([(_ok(), _ok())], route="h")({"a": t(2, 4)})
+    with pytest.raises(revtree.RevtreeError, match="one bool per block"):
+        revtree.ReversibleSequence([(_ok(), _ok())], reversible=[True, False])
+
+
+def test_parameter_changed_between_forward_and_backward():
+    blocks = make_blocks([2], 2)
+    seq = revtree.ReversibleSequence(blocks)
+    y = seq(t(3, 4))
+    with torch.no_grad():
+        blocks[0][0].linears[0].weight.mul_(2)
+    with pytest.raises(revtree.RevtreeError, match="modified in place between the forward"):
+        y.sum().backward()
+
+
+def test_output_modified_in_place_before_backward():
+    seq = revtree.ReversibleSequence([(TreeMixer([2]), TreeMixer([2]))], codec=Duplicate())
+    y = seq(t(3, 2))
+    y.mul_(2)  # Duplicate's mean is a new tensor: autograd allows this, the streams are intact
+    y.sum().backward()
+    seq2 = revtree.ReversibleSequence([(TreeMixer([2]), TreeMixer([2]))])
+    z = seq2(t(3, 4))
+    z.add_(1)  # Split's cat saves nothing either
+    z.sum().backward()
+
+
+def test_block_called_directly():
+    with pytest.raises(revtree.RevtreeError, match="run by its ReversibleSequence"):
+        revtree.Block(_ok(), _ok())(t(2))

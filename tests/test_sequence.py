@@ -1,0 +1,330 @@
+"""Behaviour of ReversibleSequence beyond the gradient property: storage, RNG, autocast, trees."""
+
+from __future__ import annotations
+
+import gc
+
+import optree
+import pytest
+import torch
+from helpers import (
+    Point,
+    TreeMixer,
+    assert_trees_close,
+    codec_for,
+    half_widths,
+    make_blocks,
+    reference,
+    t,
+    tree_catalogue,
+)
+from torch import nn
+
+import revtree
+from revtree import _rng
+from revtree.codecs import Duplicate, Split
+
+
+def _seq_for(x, depth=2, dropout=0.0, **kwargs):
+    codecs = [codec_for(leaf, 0) for leaf in optree.tree_leaves(x)]
+    blocks = make_blocks(half_widths(x, codecs), depth, dropout)
+    return revtree.ReversibleSequence(blocks, **kwargs), blocks, codecs
+
+
+@pytest.mark.parametrize("x", tree_catalogue(), ids=lambda x: type(x).__name__)
+def test_catalogue_trees(x):
+    seq, blocks, codecs = _seq_for(x)
+    y = seq(x)
+    assert optree.tree_structure(y) == optree.tree_structure(x)
+    assert_trees_close(y, reference(x, blocks, codecs))
+    leaves = optree.tree_leaves(x)
+    grads = torch.autograd.grad(sum(leaf.sum() for leaf in optree.tree_leaves(y)), leaves)
+    expected = torch.autograd.grad(
+        sum(leaf.sum() for leaf in optree.tree_leaves(reference(x, blocks, codecs))), leaves
+    )
+    assert_trees_close(list(grads), list(expected))
+
+
+def test_prefix_codec_tree():
+    x = {"tokens": t(2, 3, 4), "extra": {"cls": t(2, 4), "pos": [t(2, 6)]}}
+    codec = {"tokens": Split(-1), "extra": Duplicate()}
+    codecs = [Duplicate(), Duplicate(), Split(-1)]  # flattening order: extra.cls, extra.pos, tokens
+    blocks = make_blocks(half_widths(x, codecs), 2)
+    seq = revtree.ReversibleSequence(blocks, codec=codec)
+    assert_trees_close(seq(x), reference(x, blocks, codecs))
+
+
+def test_custom_pytree_node_in_a_namespace():
+    class Pair:
+        def __init__(self, left, right):
+            self.left, self.right = left, right
+
+    optree.register_pytree_node(
+        Pair,
+        lambda p: ((p.left, p.right), None, ("left", "right")),
+        lambda _, children: Pair(*children),
+        namespace="revtree-tests",
+    )
+    x = Pair(t(2, 4), t(3, 2))
+
+    class F(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = (
+                nn.Linear(2, 2, dtype=torch.float64),
+                nn.Linear(1, 1, dtype=torch.float64),
+            )
+
+        def forward(self, p):
+            return Pair(self.a(p.left).tanh(), self.b(p.right).tanh())
+
+    seq = revtree.ReversibleSequence([(F(), F())], namespace="revtree-tests")
+    y = seq(x)
+    assert isinstance(y, Pair) and y.left.shape == (2, 4) and y.right.shape == (3, 2)
+    y.left.sum().backward()
+    assert x.left.grad is not None
+
+
+def test_inputs_without_grad_still_give_parameter_gradients():
+    x = {"a": t(2, 4, requires_grad=False)}
+    seq, blocks, codecs = _seq_for(x, depth=3)
+    loss = seq(x)["a"].pow(2).sum()
+    grads = torch.autograd.grad(loss, list(seq.parameters()))
+    expected = torch.autograd.grad(
+        reference(x, blocks, codecs)["a"].pow(2).sum(), list(seq.parameters())
+    )
+    assert_trees_close(list(grads), list(expected))
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_frozen_parameters_are_left_alone():
+    x = t(2, 4)
+    seq, blocks, codecs = _seq_for(x, depth=2)
+    frozen = blocks[0][0].linears[0].weight
+    frozen.requires_grad_(False)
+    seq(x).sum().backward()
+    assert frozen.grad is None
+    assert blocks[1][1].linears[0].weight.grad is not None
+
+
+def test_shared_modules_accumulate_gradients():
+    x = t(2, 4)
+    f, g = TreeMixer([2]), TreeMixer([2], seed=1)
+    blocks = [(f, g), (f, g), (g, f)]
+    seq = revtree.ReversibleSequence(blocks)
+    params = list(f.parameters()) + list(g.parameters())
+    grads = torch.autograd.grad(seq(x).pow(2).sum(), params)
+    expected = torch.autograd.grad(reference(x, blocks, [Split(-1)]).pow(2).sum(), params)
+    assert_trees_close(list(grads), list(expected))
+
+
+def test_context_that_is_a_block_parameter():
+    x = t(2, 4)
+    seq, blocks, codecs = _seq_for(x, depth=2)
+    p = blocks[0][0].mix  # a parameter of f, also passed as keyword context
+    grads = torch.autograd.grad(seq(x, ctx=p).pow(2).sum(), [p])
+    expected = torch.autograd.grad(reference(x, blocks, codecs, {"ctx": p}).pow(2).sum(), [p])
+    assert_trees_close(list(grads), list(expected))
+
+
+def test_same_tensor_twice_in_the_input():
+    a = t(2, 4)
+    x = (a, a)
+    codecs = [Duplicate(), Duplicate()]
+    blocks = make_blocks(half_widths(x, codecs), 2)
+    seq = revtree.ReversibleSequence(blocks, codec=Duplicate())
+    (grad,) = torch.autograd.grad(sum(y.pow(2).sum() for y in seq(x)), [a])
+    (expected,) = torch.autograd.grad(
+        sum(y.pow(2).sum() for y in reference(x, blocks, codecs)), [a]
+    )
+    assert_trees_close(grad, expected)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_no_grad_stores_nothing_and_captures_no_rng(mode, monkeypatch):
+    calls = []
+    monkeypatch.setattr(_rng, "capture", lambda *a: calls.append(a) or None)
+    x = {"a": t(2, 4)}
+    seq, blocks, codecs = _seq_for(x, depth=3, dropout=0.5)
+    with mode():
+        torch.manual_seed(0)
+        y = seq(x)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = reference(x, blocks, codecs)
+    assert not y["a"].requires_grad and y["a"].grad_fn is None
+    assert calls == []
+    assert_trees_close(y, expected)
+
+
+def test_reversible_stack_stores_only_its_outputs():
+    """What the graph holds: the final streams, not one tensor per block."""
+    x = t(4, 8)
+    packed = []
+
+    def pack(tensor):
+        packed.append(tensor)
+        return tensor
+
+    for depth in (2, 8):
+        seq, _, _ = _seq_for(x, depth=depth, dropout=0.1)
+        packed.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda p: p):
+            y = seq(x)
+        # the two output streams, plus nothing per block (Split's cat saves nothing)
+        assert len(packed) == 2, [tuple(p.shape) for p in packed]
+        y.sum().backward()
+
+
+def test_callers_tensors_are_not_mutated():
+    x = {"a": t(2, 4), "b": t(3, 2, seed=1)}
+    ctx = t(3, seed=2)
+    before = {k: (v.clone(), v._version) for k, v in x.items()}
+    ctx_before = (ctx.clone(), ctx._version)
+    seq, _, _ = _seq_for(x, depth=3, dropout=0.2)
+    seq(x, ctx=ctx)["a"].sum().backward()
+    for k, v in x.items():
+        assert torch.equal(v, before[k][0]) and v._version == before[k][1]
+    assert torch.equal(ctx, ctx_before[0]) and ctx._version == ctx_before[1]
+
+
+def test_unrelated_grads_untouched():
+    x = t(2, 4)
+    other = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    other.grad = torch.full((2,), 7.0, dtype=torch.float64)
+    seq, _, _ = _seq_for(x)
+    torch.autograd.grad(seq(x).sum(), [x])
+    assert torch.equal(other.grad, torch.full((2,), 7.0, dtype=torch.float64))
+    assert all(p.grad is None for p in seq.parameters())
+
+
+def test_backward_twice_with_retain_graph():
+    x = t(2, 4)
+    seq, _, _ = _seq_for(x, dropout=0.3)
+    y = seq(x).pow(2).sum()
+    (first,) = torch.autograd.grad(y, [x], retain_graph=True)
+    (second,) = torch.autograd.grad(y, [x])
+    assert torch.equal(first, second)
+
+
+def test_double_backward_is_a_clear_error():
+    x = t(2, 4)
+    seq, _, _ = _seq_for(x)
+    with pytest.raises(revtree.RevtreeError, match="double backward"):
+        torch.autograd.grad(seq(x).pow(2).sum(), [x], create_graph=True)
+
+
+def test_double_backward_works_with_reversible_false():
+    x = t(2, 4)
+    seq, blocks, codecs = _seq_for(x, reversible=False)
+    (g,) = torch.autograd.grad(seq(x).pow(2).sum(), [x], create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), [x])
+    (g_ref,) = torch.autograd.grad(
+        reference(x, blocks, codecs).pow(2).sum(), [x], create_graph=True
+    )
+    (gg_ref,) = torch.autograd.grad(g_ref.sum(), [x])
+    assert_trees_close(gg, gg_ref)
+
+
+def test_recomputation_flag_and_block_index():
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.lin = name, nn.Linear(2, 2, dtype=torch.float64)
+
+        def forward(self, x):
+            seen.append((self.name, revtree.current_block(), revtree.is_recomputing()))
+            return self.lin(x)
+
+    seq = revtree.ReversibleSequence([(Spy("f"), Spy("g")) for _ in range(2)])
+    y = seq(t(1, 4))
+    assert seen == [("f", 0, False), ("g", 0, False), ("f", 1, False), ("g", 1, False)]
+    seen.clear()
+    y.sum().backward()
+    assert seen == [("g", 1, True), ("f", 1, True), ("g", 0, True), ("f", 0, True)]
+    assert revtree.current_block() is None and not revtree.is_recomputing()
+
+
+def test_autocast_is_replayed_in_the_recomputation():
+    states = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            states.append(torch.is_autocast_enabled("cpu"))
+            return self.lin(x)
+
+    seq = revtree.ReversibleSequence([(Spy(), Spy()) for _ in range(2)])
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = seq(x)
+    assert y.dtype == torch.float32
+    states.clear()
+    y.sum().backward()  # outside autocast
+    assert states == [True] * 4
+
+
+def test_autocast_gradients_match_plain_under_the_same_autocast():
+    torch.manual_seed(0)
+    blocks = [
+        (
+            nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)),
+            nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)),
+        )
+        for _ in range(4)
+    ]
+    x = torch.randn(8, 32, requires_grad=True)
+    grads = {}
+    for reversible in (True, False):
+        seq = revtree.ReversibleSequence(blocks, reversible=reversible)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = seq(x)
+        grads[reversible] = torch.autograd.grad(y.pow(2).sum(), [x, *seq.parameters()])
+    for a, b in zip(grads[True], grads[False]):
+        assert (a - b).norm() <= 1e-4 * b.norm()
+
+
+def test_empty_tree_and_no_blocks():
+    seq = revtree.ReversibleSequence([])
+    x = t(2, 4)
+    y = seq(x)
+    assert torch.equal(y, x)
+    seq2, _, _ = _seq_for(t(2, 4))
+    assert seq2({}) == {} and seq2(None) is None
+
+
+def test_point_namedtuple_roundtrip_structure():
+    x = Point(t(2, 4), t(2, 4))
+    seq, _, _ = _seq_for(x)
+    y = seq(x)
+    assert isinstance(y, Point)
+
+
+def test_no_reference_cycles_keep_the_graph_alive():
+    import weakref
+
+    x = t(4, 8)
+    seq, _, _ = _seq_for(x, depth=3)
+    gc.disable()
+    y = seq(x)
+    node = y.grad_fn.next_functions[0][0]  # the reversible Function's node
+    ref = weakref.ref(node.stack)
+    y.sum().backward()
+    del y, node
+    gc.disable()
+    try:
+        assert ref() is None, "the autograd graph is kept alive by a reference cycle"
+    finally:
+        gc.enable()
+
+
+def test_extra_repr_and_state_dict_names():
+    seq, _, _ = _seq_for(t(2, 4), depth=2)
+    names = list(seq.state_dict())
+    assert names[0].startswith("blocks.0.f.") and any(n.startswith("blocks.1.g.") for n in names)
+    assert "codec=Split(dim=-1)" in repr(seq)
