@@ -68,7 +68,16 @@ def call(
     namespace: str,
 ) -> list[torch.Tensor]:
     """Call ``f`` or ``g`` on a half-stream given as leaves; return its output's leaves."""
+    versions = [None if t.is_inference() else t._version for t in leaves]  # no counter there
     out = module(layout.spec.unflatten(leaves), **kwargs)
+    for name, t, version in zip(layout.names, leaves, versions):
+        if version is not None and t._version != version:
+            raise RevtreeError(
+                f"block {index}: {which} modified its input leaf {name} ({_trees.describe(t)}) "
+                "in place, so the block's inputs cannot be reconstructed from its outputs. "
+                f"Hint: use out-of-place operations on the input in {which} "
+                "(e.g. x = x * 2, not x *= 2)."
+            )
     out_leaves, out_spec = _trees.flatten(out, namespace)
     if out_spec != layout.spec:
         raise RevtreeError(

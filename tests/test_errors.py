@@ -131,3 +131,14 @@ def test_output_modified_in_place_before_backward():
 def test_block_called_directly():
     with pytest.raises(revtree.RevtreeError, match="run by its ReversibleSequence"):
         revtree.Block(_ok(), _ok())(t(2))
+
+
+def test_f_modifies_its_input_in_place():
+    def inplace(x, w):
+        x["a"].mul_(2)
+        return {"a": x["a"] * w}
+
+    seq = revtree.ReversibleSequence([(_ok(), _ok()), (_ok(), Returns(inplace))])
+    x = {"a": t(2, 4)}
+    with pytest.raises(revtree.RevtreeError, match=r"block 1: g modified its input leaf x\['a'\]"):
+        seq(x)
