@@ -12,8 +12,8 @@ activations are recomputed in backward). Three measurements:
 3. A summary against the targets: revtree's held memory flat in depth, far below plain's.
 
 Usage:
-    python benchmarks/depth.py            # depths 4 8 16 32, about 3 minutes on 1 thread
-    python benchmarks/depth.py --quick    # small input, depths 4 and 16, a few seconds
+    python benchmarks/depth.py            # depths 4 8 16 32, 3-4 minutes on 1 thread
+    python benchmarks/depth.py --quick    # small input, depths 4 and 16, about 25 seconds
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -77,7 +77,7 @@ def build(
 
 
 def loss_of(y: dict[str, torch.Tensor]) -> torch.Tensor:
-    return sum(v.sum() for v in y.values())  # type: ignore[return-value]
+    return torch.stack([v.sum() for v in y.values()]).sum()
 
 
 def train_step(seq: nn.Module, x: dict[str, torch.Tensor]) -> None:
@@ -114,11 +114,19 @@ def reset_peak_rss() -> bool:
 def peak_rss() -> int:
     """VmHWM, the peak resident set size since the last reset, in bytes."""
     with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024  # type: ignore[union-attr]
+        (kb,) = re.findall(r"VmHWM:\s+(\d+) kB", f.read())
+    return int(kb) * 1024
 
 
-def measure_memory(system: str, depth: int, shape: tuple[int, ...]) -> dict[str, float | None]:
-    """Run in the subprocess: held and peak RSS growth, in MB, of one training step."""
+@dataclass
+class Memory:
+    held: float  # MB, RSS growth from before forward to after forward
+    peak: float | None  # MB, peak RSS growth over forward and backward (None: no clear_refs)
+    params: float  # MB, the parameters, hence also their gradients
+
+
+def measure_memory(system: str, depth: int, shape: tuple[int, ...]) -> Memory:
+    """Run in the subprocess: held and peak RSS growth of one training step."""
     seq, x = build(depth, shape, reversible=system == "revtree")
     train_step(seq, x)  # warm-up: allocator pools, lazy initialisation
     gc.collect()
@@ -129,18 +137,16 @@ def measure_memory(system: str, depth: int, shape: tuple[int, ...]) -> dict[str,
     loss_of(y).backward()
     peak = peak_rss() - before if can_peak else None
     params = sum(p.numel() * p.element_size() for p in seq.parameters())
-    return {"held": held / MB, "peak": None if peak is None else peak / MB, "params": params / MB}
+    return Memory(held / MB, None if peak is None else peak / MB, params / MB)
 
 
-def memory_in_subprocess(
-    system: str, depth: int, shape: tuple[int, ...], threads: int
-) -> dict[str, float | None]:
+def memory_in_subprocess(system: str, depth: int, shape: tuple[int, ...], threads: int) -> Memory:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     shape_arg = ",".join(map(str, shape))
     cmd = [sys.executable, __file__, "--threads", str(threads), "--shape", shape_arg]
     cmd += ["--memory-worker", f"{system}:{depth}"]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return Memory(**json.loads(out.strip().splitlines()[-1]))
 
 
 # ---------------------------------------------------------------- time (interleaved, one process)
@@ -186,14 +192,14 @@ def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def fmt(value: float | None, spec: str = ".1f") -> str:
-    return "n/a" if value is None else format(value, spec)
+def fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32])
-    parser.add_argument("--quick", action="store_true", help="small input, depths 4 16")
+    parser.add_argument("--depths", type=int, nargs="+", help="default: 4 8 16 32")
+    parser.add_argument("--quick", action="store_true", help="small input, depths 4 16, 3 repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per system")
     parser.add_argument("--shape", default=None, help="input leaf shape, e.g. 16,128,256")
@@ -206,17 +212,18 @@ def main() -> None:
         shape = tuple(int(n) for n in args.shape.split(","))
     if args.memory_worker:
         system, depth = args.memory_worker.split(":")
-        print(json.dumps(measure_memory(system, int(depth), shape)))
+        print(json.dumps(asdict(measure_memory(system, int(depth), shape))))
         return
-    depths = [4, 16] if args.quick else sorted(args.depths)
+    depths = sorted(args.depths or ([4, 16] if args.quick else [4, 8, 16, 32]))
     repeats = args.repeats or (3 if args.quick else 5)
 
     print(f"revtree {revtree.__version__}, torch {torch.__version__}, {args.threads} thread(s)")
     print(f"input {{'a', 'b'}}: {shape} float32 each, codec Split(-1)")
     print("block: f and g map each half-stream leaf through LayerNorm -> Linear -> GELU -> Linear")
-    print(f"  ({shape[-1] // 2} -> {2 * shape[-1]} -> {shape[-1] // 2} channels)\n")
+    width = shape[-1] // 2
+    print(f"  ({width} -> {4 * width} -> {width} channels)\n")
 
-    memory: dict[tuple[str, int], dict[str, float | None]] = {}
+    memory: dict[tuple[str, int], Memory] = {}
     runs = [(s, d) for d in depths for s in SYSTEMS]
     for i, (s, d) in enumerate(runs, 1):
         progress(f"memory: {s} depth {d} ({i}/{len(runs)})")
@@ -236,9 +243,8 @@ def main() -> None:
     for d in depths:
         for s in SYSTEMS:
             m = memory[s, d]
-            ratio = m["held"] / memory["plain", d]["held"]  # type: ignore[operator]
-            row = f"{s:<8} {d:>5} {fmt(m['held']):>9} {ratio:>8.3f}"
-            print(f"{row} {fmt(m['peak']):>9} {fmt(m['params']):>9}")
+            row = f"{s:<8} {d:>5} {m.held:>9.1f} {m.held / memory['plain', d].held:>8.3f}"
+            print(f"{row} {fmt(m.peak):>9} {m.params:>9.1f}")
 
     print(f"\nTime: median of {repeats}, plain and revtree interleaved in one process")
     print("  step = forward + backward; forward = under torch.no_grad")
@@ -251,8 +257,8 @@ def main() -> None:
             print(f"{row} {t.forward * 1e3:>11.1f} {t.forward / p.forward:>8.2f}")
 
     lo, hi = depths[0], depths[-1]
-    flat = memory["revtree", hi]["held"] / memory["revtree", lo]["held"]  # type: ignore[operator]
-    vs_plain = memory["revtree", hi]["held"] / memory["plain", hi]["held"]  # type: ignore[operator]
+    flat = memory["revtree", hi].held / memory["revtree", lo].held
+    vs_plain = memory["revtree", hi].held / memory["plain", hi].held
     step_ratios = [timing[d]["revtree"].step / timing[d]["plain"].step for d in depths]
 
     def verdict(ok: bool) -> str:

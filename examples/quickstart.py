@@ -52,7 +52,5 @@ model.reversible = False
 torch.manual_seed(1)
 y = model(x)
 (y["tokens"].pow(2).mean() + y["cls"].pow(2).mean()).backward()
-worst = max(
-    ((g - p.grad).norm() / p.grad.norm()).item() for g, p in zip(grads, model.parameters())
-)
+worst = max(((g - p.grad).norm() / p.grad.norm()).item() for g, p in zip(grads, model.parameters()))
 print(f"loss {loss.item():.4f}; worst relative gradient difference to plain autograd: {worst:.1e}")
