@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import revtree
-from revtree.codecs import Codec, Duplicate, Rearrange, Split
+from revtree.codecs import Codec, Degree, Duplicate, Rearrange, Split
 
 even_shapes = st.lists(st.integers(1, 4), min_size=1, max_size=4).map(
     lambda s: tuple(2 * d for d in s)
@@ -40,6 +40,14 @@ def test_rearrange_round_trip_is_exact(shape):
     x1, x2 = codec.encode(x, ())
     assert torch.equal(x1, x[..., 0::2]) and torch.equal(x2, x[..., 1::2])
     assert torch.equal(codec.decode(x1, x2, ()), x)
+
+
+@given(st.integers(0, 3), st.lists(st.integers(1, 3), min_size=1, max_size=3))
+def test_degree_round_trip_is_exact(degree, batch):
+    x = torch.randn(*batch, 2 * degree + 1, dtype=torch.float64)
+    x1, x2 = Degree().encode(x, ("features", degree))
+    assert x1 is x and x2 is x
+    assert torch.equal(Degree().decode(x1, x2, (degree,)), x)
 
 
 def test_rearrange_matches_split_on_channels():

@@ -2,8 +2,9 @@
 
 from ._base import Codec as Codec
 from ._base import KeyPath as KeyPath
+from ._degree import Degree as Degree
 from ._duplicate import Duplicate as Duplicate
 from ._rearrange import Rearrange as Rearrange
 from ._split import Split as Split
 
-__all__ = ["Codec", "Duplicate", "KeyPath", "Rearrange", "Split"]
+__all__ = ["Codec", "Degree", "Duplicate", "KeyPath", "Rearrange", "Split"]

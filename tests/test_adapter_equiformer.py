@@ -1,0 +1,281 @@
+"""The equiformer adapter against the real equiformer-pytorch 0.5.4, in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import revtree
+from revtree.adapters import equiformer as adapter
+from revtree.codecs import Degree
+
+equiformer_pytorch = pytest.importorskip("equiformer_pytorch")
+from equiformer_pytorch import Equiformer  # noqa: E402
+from equiformer_pytorch.reversible import ReversibleSequence as PackageReversible  # noqa: E402
+
+TOL = 1e-10
+
+CONFIGS = {
+    "mlp-attention": dict(l2_dist_attention=False),
+    "l2-attention": dict(l2_dist_attention=True),
+    "edge-tokens": dict(num_edge_tokens=4, edge_dim=3),
+    "k-nearest": dict(num_neighbors=3),
+}
+
+
+class Coordinates(nn.Module):
+    """An upstream layer producing the coordinates, so gradients must reach through them."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.base = nn.Parameter(torch.randn(1, n, 3, generator=g, dtype=torch.float64))
+        self.lin = nn.Linear(3, 3, dtype=torch.float64)
+
+    def forward(self) -> torch.Tensor:
+        return self.base + 0.1 * self.lin(self.base)
+
+
+def _models(config: dict, depth: int = 2) -> tuple[nn.Module, nn.Module]:
+    """The package's reversible Equiformer, and one with the adapter, sharing weights."""
+    kwargs = dict(
+        num_tokens=10,
+        dim=(6, 4),
+        dim_head=(4, 4),
+        heads=(2, 1),
+        num_degrees=2,
+        depth=depth,
+        reversible=True,
+        reduce_dim_out=True,
+        attend_self=True,
+    )
+    kwargs.update(config)
+    torch.manual_seed(0)
+    package = Equiformer(**kwargs).double()
+    _perturb(package)
+    with adapter.patch():
+        ours = Equiformer(**kwargs).double()
+    assert isinstance(package.layers, PackageReversible)
+    assert isinstance(ours.layers, adapter.ReversibleSequence)
+    ours.load_state_dict(package.state_dict(), strict=True)
+    return package, ours
+
+
+def _perturb(model: nn.Module) -> None:
+    """Move every weight off its initial value: some start at zero, which would hide errors."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _inputs(config: dict, n: int = 6):
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randint(0, 10, (1, n), generator=g)
+    mask = torch.ones(1, n, dtype=torch.bool)
+    mask[0, -1] = False
+    edges = torch.randint(0, 4, (1, n, n), generator=g) if "num_edge_tokens" in config else None
+    return feats, mask, edges
+
+
+def _run(model, coords_layer, config, n=6):
+    feats, mask, edges = _inputs(config, n)
+    out = model(feats, coords_layer(), mask, edges=edges)
+    w0 = torch.linspace(-1, 1, out.type0.numel(), dtype=torch.float64).reshape(out.type0.shape)
+    loss = (w0 * out.type0).sum() + out.type1.pow(2).sum()
+    return out, loss
+
+
+def _sources(model, coords_layer):
+    return [*model.parameters(), *coords_layer.parameters()]
+
+
+def test_parameter_names_match_the_package():
+    package, ours = _models(CONFIGS["mlp-attention"])
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in package.named_parameters()]
+    assert any(n.startswith("layers.blocks.1.f.net.") for n, _ in ours.named_parameters())
+    assert any(n.startswith("layers.blocks.1.g.net.") for n, _ in ours.named_parameters())
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_outputs_and_gradients_equal_the_package_under_backward(name):
+    config = CONFIGS[name]
+    package, ours = _models(config)
+    coords = Coordinates(6)
+    results = []
+    for model in (package, ours):
+        out, loss = _run(model, coords, config)
+        sources = _sources(model, coords)
+        for s in sources:
+            s.grad = None
+        loss.backward()
+        results.append((out, [s.grad for s in sources]))
+    (out_p, grads_p), (out_o, grads_o) = results
+    torch.testing.assert_close(out_o.type0, out_p.type0, rtol=0, atol=TOL)
+    torch.testing.assert_close(out_o.type1, out_p.type1, rtol=0, atol=TOL)
+    names = [n for n, _ in package.named_parameters()]
+    names += ["coords.base", "coords.lin.weight", "coords.lin.bias"]
+    reached = 0
+    for label, gp, go in zip(names, grads_p, grads_o):
+        assert (gp is None) == (go is None), label
+        if gp is not None:
+            torch.testing.assert_close(go, gp, rtol=0, atol=TOL, msg=label)
+            reached += int(gp.abs().sum() > 0)
+    assert coords.base.grad is not None and coords.base.grad.abs().sum() > 0
+    if "num_edge_tokens" in config:
+        assert ours.edge_emb.weight.grad.abs().sum() > 0
+    assert reached > 0.9 * len(names), f"only {reached} of {len(names)} gradients are nonzero"
+
+
+@pytest.mark.parametrize("name", ["mlp-attention", "edge-tokens"])
+def test_autograd_grad_equals_plain_autograd(name):
+    """Under torch.autograd.grad the adapter is right and writes no .grad; the package is not."""
+    config = CONFIGS[name]
+    package, ours = _models(config)
+    coords = Coordinates(6)
+
+    # the reference: the package's reversible sequence under loss.backward(), which it gets right
+    _, loss = _run(package, coords, config)
+    loss.backward()
+    expected = [s.grad for s in _sources(package, coords)]
+    for s in _sources(package, coords):
+        s.grad = None
+    # and revtree's own plain-autograd path of the same coupling
+    plain = copy.deepcopy(ours)
+    plain.layers.reversible = False
+
+    for model in (ours, plain):
+        sources = _sources(model, coords)
+        _, loss = _run(model, coords, config)
+        grads = torch.autograd.grad(loss, sources, allow_unused=True)
+        assert all(s.grad is None for s in sources), "autograd.grad wrote .grad"
+        for g, e in zip(grads, expected):
+            assert (g is None) == (e is None)
+            if e is not None:
+                torch.testing.assert_close(g, e, rtol=0, atol=TOL)
+
+    # the package's own reversible sequence is wrong here: block parameters get no gradient
+    sources = _sources(package, coords)
+    _, loss = _run(package, coords, config)
+    grads = torch.autograd.grad(loss, sources, allow_unused=True)
+    names = [n for n, _ in package.named_parameters()]
+    block = [g for n, g in zip(names, grads) if n.startswith("layers.blocks.")]
+    assert all(g is None for g in block)
+
+
+def _rotation(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    return q if torch.det(q) > 0 else -q
+
+
+def _equivariance_errors(model, config) -> tuple[float, float]:
+    """Type-0 invariance and type-1 equivariance errors under a rotation and a translation."""
+    feats, mask, edges = _inputs(config)
+    coords = torch.randn(1, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    rot, shift = _rotation(7), torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    out = model(feats, coords, mask, edges=edges)
+    moved = model(feats, coords @ rot + shift, mask, edges=edges)
+    scale = out.type1.abs().max()
+    type0 = ((moved.type0 - out.type0).abs().max() / out.type0.abs().max()).item()
+    return type0, ((moved.type1 - out.type1 @ rot).abs().max() / scale).item()
+
+
+@pytest.mark.parametrize("name", ["mlp-attention", "l2-attention", "edge-tokens"])
+def test_equivariance(name):
+    """Type 0 is invariant and type 1 rotates, as precisely as the package itself allows.
+
+    equiformer-pytorch builds its basis in float32 (``Q_J.float()`` in ``basis.py``), so even
+    in float64 some configurations are equivariant only to ~1e-8; the adapter must add nothing.
+    """
+    package, ours = _models(CONFIGS[name])
+    ours_errors = _equivariance_errors(ours, CONFIGS[name])
+    package_errors = _equivariance_errors(package, CONFIGS[name])
+    for mine, theirs in zip(ours_errors, package_errors):
+        assert mine <= theirs * 1.01 + 1e-13, (ours_errors, package_errors)
+        assert mine < 1e-7
+
+
+def test_training_loop_loss_goes_down():
+    torch.manual_seed(0)
+    with adapter.patch():
+        model = Equiformer(
+            num_tokens=10,
+            dim=8,
+            dim_head=4,
+            heads=2,
+            num_degrees=2,
+            depth=3,
+            reversible=True,
+            reduce_dim_out=True,
+        ).double()
+    feats = torch.randint(0, 10, (2, 8))
+    coords = torch.randn(2, 8, 3, dtype=torch.float64)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    target = torch.randn(2, 8, dtype=torch.float64)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = (model(feats, coords, mask).type0 - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_sequential_sequence_matches_the_package():
+    kwargs = dict(
+        num_tokens=10,
+        dim=(6, 4),
+        dim_head=4,
+        heads=2,
+        num_degrees=2,
+        depth=2,
+        reversible=False,
+        reduce_dim_out=True,
+    )
+    torch.manual_seed(0)
+    package = Equiformer(**kwargs).double()
+    with adapter.patch():
+        ours = Equiformer(**kwargs).double()
+    assert isinstance(ours.layers, adapter.SequentialSequence)
+    ours.load_state_dict(package.state_dict(), strict=True)
+    feats, mask, _ = _inputs({})
+    coords = torch.randn(1, 6, 3, dtype=torch.float64)
+    a, b = package(feats, coords, mask), ours(feats, coords, mask)
+    torch.testing.assert_close(b.type1, a.type1, rtol=0, atol=TOL)
+
+
+def test_patch_restores_the_package():
+    import equiformer_pytorch.equiformer_pytorch as module
+
+    before = module.ReversibleSequence
+    with adapter.patch():
+        assert module.ReversibleSequence is adapter.ReversibleSequence
+    assert module.ReversibleSequence is before
+
+
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        (
+            {0: torch.zeros(1, 2, 4, 1), 1: torch.zeros(1, 2, 4, 5)},
+            r"x\[1\] \(shape \(1, 2, 4, 5\).*degree 1 shaped \(\.\.\., channels, 3\)",
+        ),
+        ({"type0": torch.zeros(1, 2, 4, 1)}, r"key 'type0' is not a non-negative int"),
+    ],
+)
+def test_degree_codec_errors(x, match):
+    class Zero(nn.Module):
+        def forward(self, x, **kwargs):
+            return {k: torch.zeros_like(v) for k, v in x.items()}
+
+    seq = adapter.ReversibleSequence([(Zero(), Zero())])
+    with pytest.raises(revtree.RevtreeError, match=match):
+        seq(x)
+    assert isinstance(seq.codec, Degree)
