@@ -4,6 +4,7 @@ Activation memory flat in depth, gradients exactly those of plain autograd.
 """
 
 from . import codecs as codecs
+from . import couplings as couplings
 from ._block import Block as Block
 from ._errors import RevtreeError as RevtreeError
 from ._sequence import ReversibleSequence as ReversibleSequence
@@ -15,6 +16,7 @@ __all__ = [
     "ReversibleSequence",
     "RevtreeError",
     "codecs",
+    "couplings",
     "current_block",
     "is_recomputing",
 ]

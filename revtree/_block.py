@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from optree import PyTreeSpec
 from torch import nn
 
 from . import _trees
 from ._errors import RevtreeError
 from ._layout import Layout
+from .couplings import Elementwise
 
 
 class Block(nn.Module):
@@ -66,8 +68,13 @@ def call(
     leaves: list[torch.Tensor],
     kwargs: dict[str, Any],
     namespace: str,
+    expected: PyTreeSpec,
 ) -> list[torch.Tensor]:
-    """Call ``f`` or ``g`` on a half-stream given as leaves; return its output's leaves."""
+    """Call ``f`` or ``g`` on a half-stream given as leaves; return its output's leaves.
+
+    ``expected`` is the structure the coupling needs back: the half-stream's own, or a tuple
+    of them (e.g. a log-scale and a shift tree for the affine coupling).
+    """
     versions = [None if t.is_inference() else t._version for t in leaves]  # no counter there
     out = module(layout.spec.unflatten(leaves), **kwargs)
     for name, t, version in zip(layout.names, leaves, versions):
@@ -79,40 +86,50 @@ def call(
                 "(e.g. x = x * 2, not x *= 2)."
             )
     out_leaves, out_spec = _trees.flatten(out, namespace)
-    if out_spec != layout.spec:
+    if out_spec != expected:
+        wanted = (
+            "a pytree with the structure of its input (same keys, same nesting, one tensor per "
+            "leaf)"
+            if expected == layout.spec
+            else f"{expected}, built from the structure of its input"
+        )
         raise RevtreeError(
             f"block {index}: {which} returned a pytree of structure {out_spec}, but its input "
-            f"half-stream has structure {layout.spec}. Hint: {which} must return a pytree with "
-            "the structure of its input (same keys, same nesting, one tensor per leaf)."
+            f"half-stream has structure {layout.spec}. Hint: {which} must return {wanted}."
         )
     return out_leaves
 
 
-def add(
+def combine(
+    coupling: Elementwise,
     x: list[torch.Tensor],
     update: list[torch.Tensor],
     which: str,
     index: int,
     layout: Layout,
 ) -> list[torch.Tensor]:
-    """``x + update`` leaf by leaf, checking that the update keeps each leaf's shape and dtype."""
+    """``coupling.combine`` leaf by leaf, checking that each leaf keeps its shape and dtype."""
     out = []
-    for name, a, b in zip(layout.names, x, update):
-        if not isinstance(b, torch.Tensor):
-            raise RevtreeError(
-                f"block {index}: {which} returned {_trees.describe(b)} at {name}, where the "
-                f"half-stream holds a tensor of shape {tuple(a.shape)}. "
-                f"Hint: {which} must return a tensor for every leaf."
-            )
+    n = len(x)
+    for i, (name, a) in enumerate(zip(layout.names, x)):
+        parts = update[i::n]  # leaf i of each of the coupling's update trees
+        for b in parts:
+            if not isinstance(b, torch.Tensor):
+                raise RevtreeError(
+                    f"block {index}: {which} returned {_trees.describe(b)} at {name}, where the "
+                    f"half-stream holds a tensor of shape {tuple(a.shape)}. "
+                    f"Hint: {which} must return a tensor for every leaf."
+                )
         try:
-            y = a + b
+            y = coupling.combine(a, *parts)
         except RuntimeError as e:
             y, error = None, e
         if y is None or y.shape != a.shape or y.dtype != a.dtype or y.device != a.device:
+            got = ", ".join(f"{_trees.describe(b)} on {b.device}" for b in parts)
             raise RevtreeError(
-                f"block {index}: {which} returned {_trees.describe(b)} on {b.device} at {name}, "
-                f"which cannot be added to the half-stream leaf of {_trees.describe(a)} on "
-                f"{a.device} without changing it"
+                f"block {index}: {which} returned {got} at {name}, which cannot be combined "
+                f"with the half-stream leaf of {_trees.describe(a)} on {a.device} without "
+                "changing it"
                 + (f" ({error})" if y is None else "")
                 + f". Hint: {which} must return, for every leaf, a tensor of its input's shape, "
                 "dtype and device (under autocast a lower-precision result is fine)."

@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from . import _rng
-from ._additive import StepInputs, forward_step, reverse_step
 from ._autocast import AutocastState
 from ._block import Block
 from ._context import Context
 from ._errors import RevtreeError
 from ._layout import Layout
+from ._steps import StepInputs, forward_step, reverse_step
+from .couplings import Coupling, Elementwise
 
 
 def _trainable(module: nn.Module, index: dict[int, int], params: list[nn.Parameter]) -> list[int]:
@@ -57,6 +58,7 @@ class Stack:
     start: int
     layout: Layout
     namespace: str
+    coupling: Coupling
     context: Context
     preserve_rng: bool
     params: list[nn.Parameter]
@@ -70,6 +72,7 @@ class Stack:
         start: int,
         layout: Layout,
         namespace: str,
+        coupling: Coupling,
         context: Context,
         preserve_rng: bool,
     ) -> Stack:
@@ -79,7 +82,16 @@ class Stack:
         f_params = [_trainable(b.f, index, params) for b in blocks]
         g_params = [_trainable(b.g, index, params) for b in blocks]
         return cls(
-            blocks, start, layout, namespace, context, preserve_rng, params, f_params, g_params
+            blocks,
+            start,
+            layout,
+            namespace,
+            coupling,
+            context,
+            preserve_rng,
+            params,
+            f_params,
+            g_params,
         )
 
     def needs_grad(self, x1: list[torch.Tensor], x2: list[torch.Tensor]) -> bool:
@@ -106,10 +118,13 @@ class ReversibleFunction(torch.autograd.Function):
         kw = tensors[2 * n : 2 * n + n_kw]
         devices = _rng.cuda_devices(tensors)
         f_kwargs, g_kwargs = stack.context.rebuild(kw)
-        inputs = StepInputs(stack.layout, stack.namespace, f_kwargs, g_kwargs)
-        states: list[_rng.RngState] | None = [] if stack.preserve_rng else None
+        inputs = StepInputs(stack.layout, stack.namespace, stack.coupling, f_kwargs, g_kwargs)
+        states = []
         for offset, block in enumerate(stack.blocks):
-            x1, x2 = forward_step(block, stack.start + offset, x1, x2, inputs, states, devices)
+            x1, x2, block_states = forward_step(
+                block, stack.start + offset, x1, x2, inputs, stack.preserve_rng, devices
+            )
+            states.append(block_states)
         ctx.stack = stack
         ctx.states = states
         ctx.devices = devices
@@ -137,19 +152,22 @@ class ReversibleFunction(torch.autograd.Function):
         kw_needs = ctx.needs_input_grad[1 + 2 * n : 1 + 2 * n + n_kw]
         kw_ = [t.detach().requires_grad_() if need else t for t, need in zip(kw, kw_needs)]
         f_kwargs, g_kwargs = stack.context.rebuild(kw_)
-        inputs = StepInputs(stack.layout, stack.namespace, f_kwargs, g_kwargs)
-        kw_sources = [k for k, need in enumerate(kw_needs) if need]
-        f_kw = kw_sources if stack.context.to_f else []
-        g_kw = kw_sources if stack.context.to_g else []
-        kw_grads: list[Any] = [None] * n_kw
-        param_grads: list[Any] = [None] * len(stack.params)
-        states = ctx.states
+        inputs = StepInputs(stack.layout, stack.namespace, stack.coupling, f_kwargs, g_kwargs)
+        # gradient slots: the keyword tensors that need one, then the parameters
+        sources = [*kw_, *stack.params]
+        kw_slots = [k for k, need in enumerate(kw_needs) if need]
+        f_kw = kw_slots if stack.context.to_f else []
+        g_kw = kw_slots if stack.context.to_g else []
+        fused = isinstance(stack.coupling, Elementwise)
+        totals: list[Any] = [None] * len(sources)
 
         with _rng.preserved(ctx.devices), ctx.autocast.replay():
             for offset in reversed(range(len(stack.blocks))):
-                fp, gp = stack.f_params[offset], stack.g_params[offset]
-                rng = (states[2 * offset], states[2 * offset + 1]) if states else (None, None)
-                y1, y2, dy1, dy2, f_grads, g_grads = reverse_step(
+                f_slots = [*f_kw, *(n_kw + j for j in stack.f_params[offset])]
+                g_slots = [*g_kw, *(n_kw + j for j in stack.g_params[offset])]
+                if not fused:  # one backward pass through f and g: each source once
+                    f_slots, g_slots = list(dict.fromkeys(f_slots + g_slots)), []
+                step = reverse_step(
                     stack.blocks[offset],
                     stack.start + offset,
                     y1,
@@ -157,19 +175,18 @@ class ReversibleFunction(torch.autograd.Function):
                     dy1,
                     dy2,
                     inputs,
-                    [*(stack.params[j] for j in fp), *(kw_[k] for k in f_kw)],
-                    [*(stack.params[j] for j in gp), *(kw_[k] for k in g_kw)],
-                    rng,
+                    [sources[k] for k in f_slots],
+                    [sources[k] for k in g_slots],
+                    ctx.states[offset],
                     ctx.devices,
                 )
-                _accumulate(param_grads, fp, f_grads[: len(fp)])
-                _accumulate(kw_grads, f_kw, f_grads[len(fp) :])
-                _accumulate(param_grads, gp, g_grads[: len(gp)])
-                _accumulate(kw_grads, g_kw, g_grads[len(gp) :])
+                y1, y2, dy1, dy2 = step.x1, step.x2, step.dx1, step.dx2
+                _accumulate(totals, f_slots, step.f_grads)
+                _accumulate(totals, g_slots, step.g_grads)
 
         x_needs = ctx.needs_input_grad[1 : 1 + 2 * n]
         dx = [d if need else None for d, need in zip(chain(dy1, dy2), x_needs)]
-        return (None, *dx, *kw_grads, *param_grads)
+        return (None, *dx, *totals)
 
 
 def _accumulate(total: list[Any], where: list[int], grads: list[Any]) -> None:

@@ -56,3 +56,9 @@ def replayed(state: RngState | None, devices: tuple[int, ...]) -> Iterator[None]
     if state is not None:
         _set(state, devices)
     yield
+
+
+def replay_now(state: RngState | None, devices: tuple[int, ...]) -> None:
+    """Set the generators to ``state`` (a no-op for ``None``); the caller restores them later."""
+    if state is not None:
+        _set(state, devices)

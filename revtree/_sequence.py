@@ -11,13 +11,15 @@ from optree import PyTreeSpec
 from torch import nn
 
 from . import _trees
-from ._additive import StepInputs, forward_step
 from ._block import Block, as_block
 from ._context import Context, Route
 from ._errors import RevtreeError
 from ._function import Stack
 from ._layout import Layout
+from ._state import running
+from ._steps import StepInputs, forward_step
 from .codecs import Codec, Split
+from .couplings import Additive, Coupling
 
 _LAYOUT_CACHE_SIZE = 32
 
@@ -38,6 +40,10 @@ class ReversibleSequence(nn.Module):
             of the same shape for every leaf.
         codec: One [`Codec`][revtree.codecs.Codec] for every leaf, or a pytree of codecs
             that is a prefix of the input (e.g. ``{"tokens": Split(-1), "cls": Duplicate()}``).
+        coupling: How ``f`` and ``g`` combine with the streams:
+            [`Additive`][revtree.couplings.Additive] (the default),
+            [`Affine`][revtree.couplings.Affine], [`Momentum`][revtree.couplings.Momentum]
+            or your own [`Coupling`][revtree.couplings.Coupling].
         reversible: ``True`` recomputes every block in backward; ``False`` runs the same
             function with plain autograd (for A/B checks); a sequence of booleans, one per
             block, mixes the two (blocks marked ``False`` store their activations).
@@ -77,6 +83,7 @@ class ReversibleSequence(nn.Module):
         blocks: Sequence[Block | tuple[nn.Module, nn.Module]],
         *,
         codec: Codec | Any = Split(-1),
+        coupling: Coupling = Additive(),
         reversible: bool | Sequence[bool] = True,
         route: Route = "f",
         preserve_rng_state: bool = True,
@@ -85,6 +92,12 @@ class ReversibleSequence(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([as_block(i, b) for i, b in enumerate(blocks)])
         self.codec = codec
+        if not isinstance(coupling, Coupling):
+            raise RevtreeError(
+                f"coupling={coupling!r} is not a revtree Coupling. Hint: use "
+                "revtree.couplings.Additive(), Affine(), Momentum() or a Coupling subclass."
+            )
+        self.coupling = coupling
         self.reversible = reversible
         self.route = route
         self.preserve_rng_state = preserve_rng_state
@@ -112,7 +125,10 @@ class ReversibleSequence(nn.Module):
     def extra_repr(self) -> str:  # noqa: D102
         flags = self._reversible
         mode = flags[0] if flags and len(set(flags)) == 1 else list(flags)
-        return f"codec={self.codec!r}, reversible={mode}, route={self.route!r}"
+        return (
+            f"codec={self.codec!r}, coupling={self.coupling!r}, reversible={mode}, "
+            f"route={self.route!r}"
+        )
 
     def forward(self, x: Any, /, **kwargs: Any) -> Any:
         """Run every block on ``x``; keyword arguments go to ``f`` (or as ``route`` says).
@@ -125,6 +141,55 @@ class ReversibleSequence(nn.Module):
             A pytree with the structure of ``x``.
         """
         return self._run(x, kwargs, self.route)
+
+    def inverse(self, y: Any, /, **kwargs: Any) -> Any:
+        """Compute the input that gives the output ``y``: the blocks undone, last to first.
+
+        Runs with ordinary autograd (so it is differentiable, e.g. for a normalizing flow).
+        Every codec must be bijective (``Split``, ``Rearrange``; not ``Duplicate``, whose
+        output is the mean of two streams). Blocks that draw random numbers (dropout in
+        training mode) cannot be undone exactly: call ``.eval()`` first.
+
+        Args:
+            y: A pytree with the structure of the sequence's output.
+            **kwargs: The keyword arguments the forward call was given.
+
+        Returns:
+            The input ``x`` with ``self(x, **kwargs) == y`` up to rounding.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> import revtree
+            >>> seq = revtree.ReversibleSequence([(nn.Linear(2, 2), nn.Linear(2, 2))] * 3)
+            >>> x = torch.randn(5, 4)
+            >>> torch.allclose(seq.inverse(seq(x)), x, atol=1e-5)
+            True
+        """
+        layout = self._layout(y)
+        for name, codec in zip(layout.names, layout.codecs):
+            if not codec.bijective:
+                raise RevtreeError(
+                    f"inverse: the codec {codec!r} of output leaf {name} cannot split the output "
+                    "back into its two streams. Hint: use a bijective codec (Split, Rearrange) "
+                    "to invert the sequence."
+                )
+        y1, y2 = layout.encode(_trees.flatten(y, self.namespace)[0])
+        context = Context.build(kwargs, self.route, self.namespace)
+        f_kwargs, g_kwargs = context.rebuild(context.tensors)
+        spec = layout.spec
+        t1, t2 = spec.unflatten(y1), spec.unflatten(y2)
+        for index in reversed(range(len(self.blocks))):
+            block = self.blocks[index]
+            with running(index, recomputing=False):
+                t1, t2 = self.coupling.inverse(
+                    lambda tree, b=block: b.f(tree, **f_kwargs),
+                    lambda tree, b=block: b.g(tree, **g_kwargs),
+                    t1,
+                    t2,
+                )
+        x1, x2 = _trees.flatten(t1, self.namespace)[0], _trees.flatten(t2, self.namespace)[0]
+        return layout.decode(x1, x2)
 
     def _layout(self, x: Any) -> Layout:
         spec = optree_structure(x, self.namespace)
@@ -144,7 +209,7 @@ class ReversibleSequence(nn.Module):
             return layout.decode(x1, x2)
         context = Context.build(kwargs, route, self.namespace)
         f_kwargs, g_kwargs = context.rebuild(context.tensors)
-        inputs = StepInputs(layout, self.namespace, f_kwargs, g_kwargs)
+        inputs = StepInputs(layout, self.namespace, self.coupling, f_kwargs, g_kwargs)
         start = 0
         for reversible, group in groupby(self._reversible):
             stop = start + len(list(group))
@@ -152,13 +217,19 @@ class ReversibleSequence(nn.Module):
             stack = None
             if reversible and torch.is_grad_enabled():
                 stack = Stack.build(
-                    blocks, start, layout, self.namespace, context, self.preserve_rng_state
+                    blocks,
+                    start,
+                    layout,
+                    self.namespace,
+                    self.coupling,
+                    context,
+                    self.preserve_rng_state,
                 )
             if stack is not None and stack.needs_grad(x1, x2):
                 x1, x2 = stack.run(x1, x2)
             else:  # plain autograd, or nothing needs a gradient: store nothing, capture nothing
                 for index, block in enumerate(blocks, start):
-                    x1, x2 = forward_step(block, index, x1, x2, inputs)
+                    x1, x2, _ = forward_step(block, index, x1, x2, inputs)
             start = stop
         return layout.decode(x1, x2)
 

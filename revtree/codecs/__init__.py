@@ -6,5 +6,6 @@ from ._degree import Degree as Degree
 from ._duplicate import Duplicate as Duplicate
 from ._rearrange import Rearrange as Rearrange
 from ._split import Split as Split
+from ._zero_velocity import ZeroVelocity as ZeroVelocity
 
-__all__ = ["Codec", "Degree", "Duplicate", "KeyPath", "Rearrange", "Split"]
+__all__ = ["Codec", "Degree", "Duplicate", "KeyPath", "Rearrange", "Split", "ZeroVelocity"]

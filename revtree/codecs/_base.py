@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -36,6 +36,9 @@ class Codec(abc.ABC):
         >>> bool((codec.decode(*codec.encode(x, ()), ()) == x).all())
         True
     """
+
+    bijective: ClassVar[bool] = True
+    """Whether ``encode`` recovers the streams from ``decode``'s output (needed by ``inverse``)."""
 
     @abc.abstractmethod
     def encode(self, leaf: torch.Tensor, path: KeyPath) -> tuple[torch.Tensor, torch.Tensor]:

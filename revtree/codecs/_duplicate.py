@@ -24,6 +24,8 @@ class Duplicate(Codec):
         [1.0, 2.0]
     """
 
+    bijective = False
+
     def encode(self, leaf: torch.Tensor, path: KeyPath) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(leaf, leaf)``."""
         return leaf, leaf

@@ -1,0 +1,334 @@
+"""One block, forward and in reverse, on flat lists of leaves.
+
+Forward runs the coupling. The reverse step rebuilds the block's inputs from its outputs
+and back-propagates through it. For an [`Elementwise`][revtree.couplings.Elementwise]
+coupling both happen in one pass: ``g`` runs once with autograd on, ``x2`` is rebuilt
+from that call and the gradients flow through it; then the same for ``f``. A block costs
+one extra forward in all (the 4/3 floor of reversible networks). Any other coupling is
+reversed with its ``inverse`` and then run forward again with autograd on (5/3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optree
+import torch
+from optree import PyTreeSpec
+
+from . import _rng, _trees
+from ._block import Block, call, combine
+from ._errors import RevtreeError
+from ._layout import Layout
+from ._state import running
+from .couplings import Additive, Coupling, Elementwise
+
+Leaves = list[torch.Tensor]
+
+
+@dataclass
+class StepInputs:
+    """What every block of one call shares: layout, coupling and keyword arguments."""
+
+    layout: Layout
+    namespace: str
+    coupling: Coupling
+    f_kwargs: dict[str, Any]
+    g_kwargs: dict[str, Any]
+
+    @property
+    def update_spec(self) -> PyTreeSpec:
+        """The structure ``f`` and ``g`` return for an elementwise coupling."""
+        arity = getattr(self.coupling, "arity", 1)
+        if arity == 1:
+            return self.layout.spec
+        return optree.treespec_tuple(
+            [self.layout.spec] * arity,
+            none_is_leaf=_trees.NONE_IS_LEAF,
+            namespace=self.namespace,
+        )
+
+
+# ------------------------------------------------------------------------------------ forward
+
+
+def forward_step(
+    block: Block,
+    index: int,
+    x1: Leaves,
+    x2: Leaves,
+    inputs: StepInputs,
+    record: bool = False,
+    devices: tuple[int, ...] = (),
+) -> tuple[Leaves, Leaves, Any]:
+    """Run one block forward; with ``record``, also return the generator states it drew from."""
+    with running(index, recomputing=False):
+        if isinstance(inputs.coupling, Elementwise):
+            return _forward_elementwise(block, index, x1, x2, inputs, record, devices)
+        return _forward_generic(block, index, x1, x2, inputs, record, devices)
+
+
+def _forward_elementwise(
+    block: Block,
+    index: int,
+    x1: Leaves,
+    x2: Leaves,
+    inputs: StepInputs,
+    record: bool,
+    devices: tuple[int, ...],
+) -> tuple[Leaves, Leaves, Any]:
+    layout, ns, coupling, spec = (
+        inputs.layout,
+        inputs.namespace,
+        inputs.coupling,
+        inputs.update_spec,
+    )
+    f_state = _rng.capture(devices) if record else None
+    fu = call(block.f, "f", index, layout, x2, inputs.f_kwargs, ns, spec)
+    y1 = combine(coupling, x1, fu, "f", index, layout)  # type: ignore[arg-type]
+    del fu
+    g_state = _rng.capture(devices) if record else None
+    gu = call(block.g, "g", index, layout, y1, inputs.g_kwargs, ns, spec)
+    y2 = combine(coupling, x2, gu, "g", index, layout)  # type: ignore[arg-type]
+    return y1, y2, (f_state, g_state) if record else None
+
+
+class _Bound:
+    """``f`` or ``g`` with its keyword arguments bound, for a generic coupling to call.
+
+    Records the generator state before each call, or replays recorded states in order.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        kwargs: dict[str, Any],
+        devices: tuple[int, ...],
+        record: list | None = None,
+        replay: Iterator[Any] | None = None,
+    ) -> None:
+        self.module, self.kwargs, self.devices = module, kwargs, devices
+        self.record, self.replay = record, replay
+
+    def __call__(self, tree: Any) -> Any:
+        if self.record is not None:
+            self.record.append(_rng.capture(self.devices))
+        if self.replay is not None:
+            _rng.replay_now(next(self.replay, None), self.devices)
+        return self.module(tree, **self.kwargs)
+
+
+def _forward_generic(
+    block: Block,
+    index: int,
+    x1: Leaves,
+    x2: Leaves,
+    inputs: StepInputs,
+    record: bool,
+    devices: tuple[int, ...],
+) -> tuple[Leaves, Leaves, Any]:
+    spec = inputs.layout.spec
+    f_states: list | None = [] if record else None
+    g_states: list | None = [] if record else None
+    f = _Bound(block.f, inputs.f_kwargs, devices, record=f_states)
+    g = _Bound(block.g, inputs.g_kwargs, devices, record=g_states)
+    y1, y2 = inputs.coupling.forward(f, g, spec.unflatten(x1), spec.unflatten(x2))
+    y1, y2 = _leaves_like(y1, x1, inputs, index), _leaves_like(y2, x2, inputs, index)
+    return y1, y2, (f_states, g_states) if record else None
+
+
+def _leaves_like(tree: Any, like: Leaves, inputs: StepInputs, index: int) -> Leaves:
+    """The leaves of a coupling's output stream, checked against its input stream."""
+    leaves, spec = _trees.flatten(tree, inputs.namespace)
+    layout = inputs.layout
+    if spec != layout.spec:
+        raise RevtreeError(
+            f"block {index}: {inputs.coupling!r} returned a stream of structure {spec}, but "
+            f"its input stream has structure {layout.spec}. Hint: a coupling's forward and "
+            "inverse return two pytrees with the structure of their inputs."
+        )
+    for name, y, x in zip(layout.names, leaves, like):
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
+            raise RevtreeError(
+                f"block {index}: {inputs.coupling!r} returned {_trees.describe(y)} at {name} "
+                f"for a stream leaf of {_trees.describe(x)}. Hint: each output leaf must keep "
+                "its input's shape and dtype."
+            )
+    return leaves
+
+
+# ------------------------------------------------------------------------------------ reverse
+
+
+def _grad_outputs(outputs: Leaves, grads: Sequence[Any]) -> tuple[Leaves, Leaves]:
+    """Pair each output that requires grad with its gradient, cast and reduced as autograd would."""
+    kept, kept_grads = [], []
+    for out, grad in zip(outputs, grads):
+        if out.requires_grad and grad is not None:
+            if grad.shape != out.shape:  # the output was broadcast when combined
+                grad = grad.sum_to_size(out.shape)
+            if grad.dtype != out.dtype:  # autocast: combining promoted a lower precision
+                grad = grad.to(out.dtype)
+            kept.append(out)
+            kept_grads.append(grad)
+    return kept, kept_grads
+
+
+def vjp(outputs: Leaves, grads: Sequence[Any], inputs: Sequence[torch.Tensor]) -> list[Any]:
+    """The vector-Jacobian product w.r.t. ``inputs``, ``None`` for an input left unused."""
+    kept, kept_grads = _grad_outputs(outputs, grads)
+    if not kept:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad(kept, inputs, kept_grads, allow_unused=True))
+
+
+def _plus(a: Sequence[Any], b: Sequence[Any]) -> list[Any]:
+    return [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
+
+
+def _leaves_requiring_grad(leaves: Leaves) -> Leaves:
+    return [t.detach().requires_grad_() for t in leaves]
+
+
+@dataclass
+class Reversed:
+    """What reversing one block gives: its inputs, their gradients, and the sources' gradients."""
+
+    x1: Leaves
+    x2: Leaves
+    dx1: list[Any]
+    dx2: list[Any]
+    f_grads: list[Any]
+    g_grads: list[Any]
+
+
+def reverse_step(
+    block: Block,
+    index: int,
+    y1: Leaves,
+    y2: Leaves,
+    dy1: Sequence[Any],
+    dy2: Sequence[Any],
+    inputs: StepInputs,
+    f_sources: Sequence[torch.Tensor],
+    g_sources: Sequence[torch.Tensor],
+    states: Any,
+    devices: tuple[int, ...],
+) -> Reversed:
+    """Rebuild one block's inputs from its outputs and back-propagate through it.
+
+    Args:
+        block: The block.
+        index: Its index in the sequence.
+        y1: The block's first output stream.
+        y2: Its second output stream.
+        dy1: The gradient of the loss w.r.t. ``y1``.
+        dy2: The gradient w.r.t. ``y2``.
+        inputs: Layout, coupling and keyword arguments.
+        f_sources: Tensors besides the streams whose gradient through ``f`` is wanted (its
+            parameters, keyword tensors). For a generic coupling: through ``f`` and ``g``.
+        g_sources: Likewise for ``g`` (empty for a generic coupling).
+        states: The generator states ``forward_step`` recorded, or ``None``.
+        devices: The CUDA devices whose generators were captured.
+    """
+    with running(index, recomputing=True):
+        if isinstance(inputs.coupling, Elementwise):
+            return _reverse_elementwise(
+                block, index, y1, y2, dy1, dy2, inputs, f_sources, g_sources, states, devices
+            )
+        return _reverse_generic(block, index, y1, y2, dy1, dy2, inputs, f_sources, states, devices)
+
+
+def _reverse_elementwise(
+    block: Block,
+    index: int,
+    y1: Leaves,
+    y2: Leaves,
+    dy1: Sequence[Any],
+    dy2: Sequence[Any],
+    inputs: StepInputs,
+    f_sources: Sequence[torch.Tensor],
+    g_sources: Sequence[torch.Tensor],
+    states: Any,
+    devices: tuple[int, ...],
+) -> Reversed:
+    layout, ns, coupling, spec = (
+        inputs.layout,
+        inputs.namespace,
+        inputs.coupling,
+        inputs.update_spec,
+    )
+    assert isinstance(coupling, Elementwise)
+    additive = isinstance(coupling, Additive)  # its combine passes gradients through unchanged
+    f_state, g_state = states if states is not None else (None, None)
+    n = len(y1)
+
+    # g: rebuild x2 = uncombine(y2, g(y1)); gradients for y1, x2 and g's sources
+    y1_ = _leaves_requiring_grad(y1)
+    with _rng.replayed(g_state, devices), torch.enable_grad():
+        gu = call(block.g, "g", index, layout, y1_, inputs.g_kwargs, ns, spec)
+    with torch.no_grad():
+        x2 = [coupling.uncombine(y, *gu[i::n]) for i, y in enumerate(y2)]
+    if additive:
+        grads = vjp(gu, dy2, [*y1_, *g_sources])
+        dx1, dx2, g_grads = _plus(dy1, grads[:n]), list(dy2), grads[n:]
+    else:
+        x2_ = _leaves_requiring_grad(x2)
+        with torch.enable_grad():
+            y2_ = [coupling.combine(x, *gu[i::n]) for i, x in enumerate(x2_)]
+        grads = vjp(y2_, dy2, [*y1_, *x2_, *g_sources])
+        dx1, dx2, g_grads = _plus(dy1, grads[:n]), grads[n : 2 * n], grads[2 * n :]
+    del gu, y1_
+
+    # f: rebuild x1 = uncombine(y1, f(x2)); gradients for x1, x2 and f's sources
+    x2r = _leaves_requiring_grad(x2)
+    with _rng.replayed(f_state, devices), torch.enable_grad():
+        fu = call(block.f, "f", index, layout, x2r, inputs.f_kwargs, ns, spec)
+    with torch.no_grad():
+        x1 = [coupling.uncombine(y, *fu[i::n]) for i, y in enumerate(y1)]
+    if additive:
+        grads = vjp(fu, dx1, [*x2r, *f_sources])
+        dx2, f_grads = _plus(dx2, grads[:n]), grads[n:]
+    else:
+        x1_ = _leaves_requiring_grad(x1)
+        with torch.enable_grad():
+            y1r = [coupling.combine(x, *fu[i::n]) for i, x in enumerate(x1_)]
+        grads = vjp(y1r, dx1, [*x1_, *x2r, *f_sources])
+        dx1, dx2, f_grads = grads[:n], _plus(dx2, grads[n : 2 * n]), grads[2 * n :]
+    return Reversed(x1, x2, dx1, dx2, f_grads, g_grads)
+
+
+def _reverse_generic(
+    block: Block,
+    index: int,
+    y1: Leaves,
+    y2: Leaves,
+    dy1: Sequence[Any],
+    dy2: Sequence[Any],
+    inputs: StepInputs,
+    sources: Sequence[torch.Tensor],
+    states: Any,
+    devices: tuple[int, ...],
+) -> Reversed:
+    spec, coupling = inputs.layout.spec, inputs.coupling
+    f_states, g_states = states if states is not None else ([], [])
+    n = len(y1)
+    with torch.no_grad():  # inverse calls f and g in the reverse order of forward
+        f = _Bound(block.f, inputs.f_kwargs, devices, replay=reversed(f_states))
+        g = _Bound(block.g, inputs.g_kwargs, devices, replay=reversed(g_states))
+        x1, x2 = coupling.inverse(f, g, spec.unflatten(y1), spec.unflatten(y2))
+    x1 = _leaves_like(x1, y1, inputs, index)
+    x2 = _leaves_like(x2, y2, inputs, index)
+    x1_, x2_ = _leaves_requiring_grad(x1), _leaves_requiring_grad(x2)
+    with torch.enable_grad():
+        f = _Bound(block.f, inputs.f_kwargs, devices, replay=iter(f_states))
+        g = _Bound(block.g, inputs.g_kwargs, devices, replay=iter(g_states))
+        r1, r2 = coupling.forward(f, g, spec.unflatten(x1_), spec.unflatten(x2_))
+    outputs = _trees.flatten(r1, inputs.namespace)[0] + _trees.flatten(r2, inputs.namespace)[0]
+    grads = vjp(outputs, [*dy1, *dy2], [*x1_, *x2_, *sources])
+    zeros = [torch.zeros_like(t) for t in x1]
+    dx1 = [g if g is not None else z for g, z in zip(grads[:n], zeros)]
+    dx2 = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[n : 2 * n], x2)]
+    return Reversed(x1, x2, dx1, dx2, grads[2 * n :], [])

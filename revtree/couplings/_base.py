@@ -1,0 +1,88 @@
+"""The coupling protocol: a reversible map of two half-streams, written over pytrees."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import optree
+import torch
+
+Tree = Any
+"""A pytree of tensors: a half-stream, with the structure of the sequence's input."""
+
+Fn = Callable[[Tree], Any]
+"""``f`` or ``g`` with the call's keyword arguments bound: a half-stream pytree in, a pytree out."""
+
+
+class Coupling(abc.ABC):
+    """A reversible map ``(x1, x2) -> (y1, y2)`` of two half-streams, built from ``f`` and ``g``.
+
+    Write ``forward`` and its exact ``inverse`` over pytrees (``optree.tree_map`` does the
+    leaf-by-leaf work), and the engine provides the rest: no activations stored, dropout
+    and autocast replayed, gradients equal to plain autograd. ``inverse`` must call ``f``
+    and ``g`` as many times as ``forward`` does, in the reverse order, so that each call
+    can be given the random state of its forward counterpart.
+
+    Backward then costs one run of ``inverse`` and one of ``forward`` with autograd on.
+    Couplings of the form ``y1 = combine(x1, f(x2))``, ``y2 = combine(x2, g(y1))`` should
+    subclass [`Elementwise`][revtree.couplings.Elementwise] instead: the engine reverses
+    those and back-propagates in one pass, one extra forward in all.
+
+    Example:
+        >>> import optree, torch
+        >>> from revtree.couplings import Coupling
+        >>> class Shear(Coupling):  # y1 = x1 + f(x2), y2 = x2 - g(y1)
+        ...     def forward(self, f, g, x1, x2):
+        ...         y1 = optree.tree_map(torch.add, x1, f(x2))
+        ...         return y1, optree.tree_map(torch.sub, x2, g(y1))
+        ...     def inverse(self, f, g, y1, y2):
+        ...         x2 = optree.tree_map(torch.add, y2, g(y1))
+        ...         return optree.tree_map(torch.sub, y1, f(x2)), x2
+        >>> f = g = torch.sin
+        >>> x1, x2 = torch.randn(3), torch.randn(3)
+        >>> x1_, x2_ = Shear().inverse(f, g, *Shear().forward(f, g, x1, x2))
+        >>> bool(torch.allclose(x1_, x1) and torch.allclose(x2_, x2))
+        True
+    """
+
+    @abc.abstractmethod
+    def forward(self, f: Fn, g: Fn, x1: Tree, x2: Tree) -> tuple[Tree, Tree]:
+        """Map the input half-streams to the output half-streams."""
+
+    @abc.abstractmethod
+    def inverse(self, f: Fn, g: Fn, y1: Tree, y2: Tree) -> tuple[Tree, Tree]:
+        """Map the output half-streams back to the input half-streams."""
+
+
+class Elementwise(Coupling):
+    """``y1 = combine(x1, *f(x2))``, ``y2 = combine(x2, *g(y1))``, leaf by leaf.
+
+    ``f`` returns ``arity`` pytrees shaped like the half-stream (one tree for ``arity == 1``,
+    a tuple of them otherwise); ``combine`` mixes one stream leaf with the matching leaves of
+    those trees, and ``uncombine`` undoes it. For these couplings the engine rebuilds each
+    block's inputs and back-propagates through it in the same pass.
+    """
+
+    arity: ClassVar[int] = 1
+
+    @abc.abstractmethod
+    def combine(self, x: torch.Tensor, *update: torch.Tensor) -> torch.Tensor:
+        """One output leaf from one input leaf and the matching leaves of ``f``'s trees."""
+
+    @abc.abstractmethod
+    def uncombine(self, y: torch.Tensor, *update: torch.Tensor) -> torch.Tensor:
+        """The input leaf back from the output leaf and the same update leaves."""
+
+    def _map(self, fn: Callable[..., torch.Tensor], x: Tree, update: Any) -> Tree:
+        updates = (update,) if self.arity == 1 else tuple(update)
+        return optree.tree_map(fn, x, *updates)
+
+    def forward(self, f: Fn, g: Fn, x1: Tree, x2: Tree) -> tuple[Tree, Tree]:  # noqa: D102
+        y1 = self._map(self.combine, x1, f(x2))
+        return y1, self._map(self.combine, x2, g(y1))
+
+    def inverse(self, f: Fn, g: Fn, y1: Tree, y2: Tree) -> tuple[Tree, Tree]:  # noqa: D102
+        x2 = self._map(self.uncombine, y2, g(y1))
+        return self._map(self.uncombine, y1, f(x2)), x2

@@ -1,0 +1,56 @@
+"""Momentum residual networks (Sander et al., 2021), two momentum steps per block."""
+
+from __future__ import annotations
+
+import optree
+import torch
+
+from ._base import Coupling, Fn, Tree
+
+
+class Momentum(Coupling):
+    """Position and velocity streams, two momentum steps per block: one with ``f``, one with ``g``.
+
+    With ``x1`` the position and ``x2`` the velocity (start it at zero with
+    [`ZeroVelocity`][revtree.codecs.ZeroVelocity]), a block runs two steps of
+    ``v = gamma * v + (1 - gamma) * h(x)``, ``x = x + v``: first ``h = f``, then ``h = g``.
+    The inverse divides by ``gamma``, so rounding errors grow by ``1 / gamma`` per step when
+    reconstructing: keep ``gamma`` near 1 (``revtree.testing.reconstruction_errors`` measures
+    it). See Sander, Ablin, Blondel and Peyré, "Momentum Residual Neural Networks", ICML 2021.
+
+    Args:
+        gamma: The momentum term, in ``(0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> from revtree.couplings import Momentum
+        >>> m = Momentum(gamma=0.9)
+        >>> x, v = torch.randn(3), torch.zeros(3)
+        >>> x_, v_ = m.inverse(torch.tanh, torch.tanh, *m.forward(torch.tanh, torch.tanh, x, v))
+        >>> bool(torch.allclose(x_, x, atol=1e-6) and torch.allclose(v_, v, atol=1e-6))
+        True
+    """
+
+    def __init__(self, gamma: float = 0.9) -> None:
+        if not 0 < gamma <= 1:
+            raise ValueError(f"Momentum(gamma={gamma}): gamma must lie in (0, 1]")
+        self.gamma = float(gamma)
+
+    def _step(self, h: Fn, x: Tree, v: Tree) -> tuple[Tree, Tree]:
+        gamma = self.gamma
+        v = optree.tree_map(lambda v, u: gamma * v + (1 - gamma) * u, v, h(x))
+        return optree.tree_map(torch.add, x, v), v
+
+    def _unstep(self, h: Fn, x: Tree, v: Tree) -> tuple[Tree, Tree]:
+        gamma = self.gamma
+        x = optree.tree_map(torch.sub, x, v)
+        return x, optree.tree_map(lambda v, u: (v - (1 - gamma) * u) / gamma, v, h(x))
+
+    def forward(self, f: Fn, g: Fn, x1: Tree, x2: Tree) -> tuple[Tree, Tree]:  # noqa: D102
+        return self._step(g, *self._step(f, x1, x2))
+
+    def inverse(self, f: Fn, g: Fn, y1: Tree, y2: Tree) -> tuple[Tree, Tree]:  # noqa: D102
+        return self._unstep(f, *self._unstep(g, y1, y2))
+
+    def __repr__(self) -> str:
+        return f"Momentum(gamma={self.gamma})"
