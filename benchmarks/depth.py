@@ -19,26 +19,27 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import os
-import re
-import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from _measure import (
+    MB,
+    MEMORY_METHOD,
+    emit,
+    fmt,
+    interleaved_medians,
+    progress,
+    run_worker,
+    step_memory,
+    verdict,
+)
 from torch import nn
 
 import revtree
 
 KEYS = ("a", "b")
 SYSTEMS = ("plain", "revtree")
-MB = 2**20
-PAGE = os.sysconf("SC_PAGE_SIZE")
 HELD_TARGET = 1.25  # revtree held memory, max depth / min depth, at most
 PLAIN_TARGET = 1 / 8  # revtree / plain held memory at max depth, below
 
@@ -95,29 +96,6 @@ def no_grad_forward(seq: nn.Module, x: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------- memory (one subprocess each)
 
 
-def rss() -> int:
-    """Resident set size of this process, in bytes."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's high-water mark VmHWM to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss() -> int:
-    """VmHWM, the peak resident set size since the last reset, in bytes."""
-    with open("/proc/self/status") as f:
-        (kb,) = re.findall(r"VmHWM:\s+(\d+) kB", f.read())
-    return int(kb) * 1024
-
-
 @dataclass
 class Memory:
     held: float  # MB, RSS growth from before forward to after forward
@@ -129,24 +107,15 @@ def measure_memory(system: str, depth: int, shape: tuple[int, ...]) -> Memory:
     """Run in the subprocess: held and peak RSS growth of one training step."""
     seq, x = build(depth, shape, reversible=system == "revtree")
     train_step(seq, x)  # warm-up: allocator pools, lazy initialisation
-    gc.collect()
-    can_peak = reset_peak_rss()
-    before = rss()
-    y = seq(x)
-    held = rss() - before
-    loss_of(y).backward()
-    peak = peak_rss() - before if can_peak else None
+    held, peak = step_memory(lambda: seq(x), lambda y: loss_of(y).backward())
     params = sum(p.numel() * p.element_size() for p in seq.parameters())
     return Memory(held / MB, None if peak is None else peak / MB, params / MB)
 
 
 def memory_in_subprocess(system: str, depth: int, shape: tuple[int, ...], threads: int) -> Memory:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     shape_arg = ",".join(map(str, shape))
-    cmd = [sys.executable, __file__, "--threads", str(threads), "--shape", shape_arg]
-    cmd += ["--memory-worker", f"{system}:{depth}"]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return Memory(**json.loads(out.strip().splitlines()[-1]))
+    args = ["--threads", str(threads), "--shape", shape_arg, "--memory-worker", f"{system}:{depth}"]
+    return Memory(**run_worker(__file__, args))
 
 
 # ---------------------------------------------------------------- time (interleaved, one process)
@@ -162,38 +131,20 @@ def measure_time(depth: int, shape: tuple[int, ...], repeats: int) -> dict[str, 
     """Median step and no-grad forward times of both systems, timed alternately."""
     seq, x = build(depth, shape, reversible=True)
     flags = {"plain": False, "revtree": True}  # one model, so both systems share weights
+    tasks: dict[tuple[str, str], Callable[[], None]] = {}
+    for s in SYSTEMS:  # per round: plain step, plain forward, revtree step, revtree forward
+        tasks[s, "step"] = lambda: train_step(seq, x)
+        tasks[s, "forward"] = lambda: no_grad_forward(seq, x)
 
-    def run(system: str, fn: Callable[[nn.Module, dict[str, torch.Tensor]], None]) -> float:
-        seq.reversible = flags[system]
-        gc.collect()
-        start = time.perf_counter()
-        fn(seq, x)
-        return time.perf_counter() - start
+    def switch(key: tuple[str, str]) -> None:
+        seq.reversible = flags[key[0]]
 
-    steps: dict[str, list[float]] = {s: [] for s in SYSTEMS}
-    forwards: dict[str, list[float]] = {s: [] for s in SYSTEMS}
-    for s in SYSTEMS:  # warm-up
-        run(s, train_step)
-    for _ in range(repeats):
-        for s in SYSTEMS:
-            steps[s].append(run(s, train_step))
-            forwards[s].append(run(s, no_grad_forward))
-    return {s: Timing(statistics.median(steps[s]), statistics.median(forwards[s])) for s in SYSTEMS}
+    warmup = [(s, "step") for s in SYSTEMS]
+    medians = interleaved_medians(tasks, repeats, warmup=warmup, prepare=switch)
+    return {s: Timing(medians[s, "step"], medians[s, "forward"]) for s in SYSTEMS}
 
 
 # ---------------------------------------------------------------- report
-
-
-def progress(message: str) -> None:
-    """One overwritten status line on a terminal, plain lines otherwise."""
-    if sys.stderr.isatty():
-        print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
-    elif message:
-        print(message, file=sys.stderr, flush=True)
-
-
-def fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
 
 
 def main() -> None:
@@ -212,7 +163,7 @@ def main() -> None:
         shape = tuple(int(n) for n in args.shape.split(","))
     if args.memory_worker:
         system, depth = args.memory_worker.split(":")
-        print(json.dumps(asdict(measure_memory(system, int(depth), shape))))
+        emit(asdict(measure_memory(system, int(depth), shape)))
         return
     depths = sorted(args.depths or ([4, 16] if args.quick else [4, 8, 16, 32]))
     repeats = args.repeats or (3 if args.quick else 5)
@@ -234,10 +185,7 @@ def main() -> None:
         timing[d] = measure_time(d, shape, repeats)
     progress("")
 
-    print("Memory: process RSS growth, fresh subprocess per row, MALLOC_MMAP_THRESHOLD_=65536")
-    print("  held = RSS after forward - RSS before forward (what backward will need)")
-    print("  peak = VmHWM after backward - RSS before forward (VmHWM reset via clear_refs);")
-    print("         it includes the parameter gradients, which backward allocates (param MB)")
+    print("\n".join(MEMORY_METHOD))
     header = f"{'system':<8} {'depth':>5} {'held MB':>9} {'x plain':>8}"
     print(f"{header} {'peak MB':>9} {'param MB':>9}")
     for d in depths:
@@ -260,9 +208,6 @@ def main() -> None:
     flat = memory["revtree", hi].held / memory["revtree", lo].held
     vs_plain = memory["revtree", hi].held / memory["plain", hi].held
     step_ratios = [timing[d]["revtree"].step / timing[d]["plain"].step for d in depths]
-
-    def verdict(ok: bool) -> str:
-        return "ok" if ok else "MISSED"
 
     print("\nSummary")
     print(

@@ -1,0 +1,196 @@
+"""Measuring machinery shared by the benchmarks: process memory, interleaved timing, output.
+
+Memory is measured as process RSS, Linux only. A benchmark re-runs itself as a worker in a
+fresh subprocess per measurement (``run_worker``), with
+``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc serves every large buffer by ``mmap`` and
+returns it to the OS when freed: the RSS then tracks the live tensors. The worker measures
+one training step with ``step_memory`` and prints its result as one
+JSON line (``emit``), which the parent parses.
+
+Time is measured in one process, the systems interleaved (A B C A B C ...), so that machine
+noise hits all of them alike (``interleaved_medians``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+MB = 2**20
+PAGE = os.sysconf("SC_PAGE_SIZE")
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+MEMORY_METHOD = (
+    "Memory: process RSS growth, fresh subprocess per row, MALLOC_MMAP_THRESHOLD_=65536",
+    "  held = RSS after forward - RSS before forward (what backward will need)",
+    "  peak = VmHWM after backward - RSS before forward (VmHWM reset via clear_refs);",
+    "         it includes the parameter gradients, which backward allocates (param MB)",
+)
+"""The lines that describe the memory method, as the benchmarks print them."""
+
+
+# ---------------------------------------------------------------- process memory
+
+
+def rss() -> int:
+    """Resident set size of this process, in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark VmHWM to the current RSS (Linux >= 4.0).
+
+    Returns:
+        Whether the reset worked (``/proc/self/clear_refs`` is writable).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss() -> int:
+    """VmHWM, the peak resident set size since the last reset, in bytes."""
+    with open("/proc/self/status") as f:
+        (kb,) = re.findall(r"VmHWM:\s+(\d+) kB", f.read())
+    return int(kb) * 1024
+
+
+def step_memory(
+    forward: Callable[[], T], backward: Callable[[T], object]
+) -> tuple[int, int | None]:
+    """RSS growth of one training step: held between forward and backward, and the peak.
+
+    Collects garbage, resets the peak, then runs ``out = forward()`` and ``backward(out)``
+    (``out`` stays alive through the backward, as in a training loop). Warm up first
+    (one step) so that allocator pools and lazy initialisation are not counted.
+
+    Args:
+        forward: Runs the forward pass and returns what ``backward`` needs.
+        backward: Runs the loss and the backward pass on the forward's result.
+
+    Returns:
+        ``(held, peak)`` in bytes: RSS after forward minus RSS before it, and VmHWM after
+        backward minus RSS before forward (``None`` if VmHWM cannot be reset).
+    """
+    gc.collect()
+    can_peak = reset_peak_rss()
+    before = rss()
+    out = forward()
+    held = rss() - before
+    backward(out)
+    peak = peak_rss() - before if can_peak else None
+    return held, peak
+
+
+def run_worker(script: str, args: Sequence[str]) -> Any:
+    """Run ``python script *args`` in a fresh subprocess with ``WORKER_ENV``; parse its result.
+
+    Args:
+        script: The benchmark script (its ``__file__``), which acts as the worker.
+        args: Its command line; the worker prints its result with ``emit``.
+
+    Returns:
+        The JSON value of the last line the worker printed to stdout.
+
+    Raises:
+        subprocess.CalledProcessError: The worker failed (its stderr is in the exception).
+    """
+    env = {**os.environ, **WORKER_ENV}
+    cmd = [sys.executable, script, *args]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def emit(result: Any) -> None:
+    """Print a worker's result as one JSON line, for ``run_worker``."""
+    print(json.dumps(result))
+
+
+# ---------------------------------------------------------------- time
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds that ``fn()`` takes, garbage collected beforehand."""
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(
+    tasks: Mapping[K, Callable[[], object]],
+    repeats: int,
+    *,
+    warmup: Iterable[K] = (),
+    prepare: Callable[[K], object] | None = None,
+) -> dict[K, float]:
+    """Median time of each task, the tasks run round-robin in their order, ``repeats`` rounds.
+
+    Args:
+        tasks: What to time, by key; one round runs each once, in insertion order.
+        repeats: How many rounds.
+        warmup: Keys of tasks to run once each before the rounds, their times discarded.
+        prepare: Called with a task's key before each run of it, outside the timed region
+            (e.g. to switch a shared model to that system).
+
+    Returns:
+        The median seconds of each task.
+    """
+
+    def run(key: K) -> float:
+        if prepare is not None:
+            prepare(key)
+        return timed(tasks[key])
+
+    for key in warmup:
+        run(key)
+    times: dict[K, list[float]] = {key: [] for key in tasks}
+    for _ in range(repeats):
+        for key in tasks:
+            times[key].append(run(key))
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+# ---------------------------------------------------------------- output
+
+
+def progress(message: str) -> None:
+    """One overwritten status line on a terminal, plain lines otherwise; ``""`` clears it."""
+    if sys.stderr.isatty():
+        print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
+    elif message:
+        print(message, file=sys.stderr, flush=True)
+
+
+def fmt(value: float | None) -> str:
+    """A value in MB with one decimal, ``n/a`` for ``None``."""
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def ratio(value: float, base: float, digits: int = 2) -> str:
+    """``value / base`` with ``digits`` decimals, ``n/a`` when ``base`` is not positive.
+
+    A held-memory figure can be zero: RSS moves by whole pages, and small tensors reuse
+    heap pages that an earlier step left resident.
+    """
+    return f"{value / base:.{digits}f}" if base > 0 else "n/a"
+
+
+def verdict(ok: bool) -> str:
+    """``ok`` or ``MISSED``, for a summary line against a target."""
+    return "ok" if ok else "MISSED"
