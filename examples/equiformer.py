@@ -8,8 +8,9 @@ from equiformer_pytorch import Equiformer
 
 from revtree.adapters import equiformer as adapter
 
-config = dict(num_tokens=20, dim=16, dim_head=8, heads=2, num_degrees=3, depth=8,
-              reduce_dim_out=True)
+config = dict(
+    num_tokens=20, dim=16, dim_head=8, heads=2, num_degrees=3, depth=8, reduce_dim_out=True
+)
 
 
 def saved_megabytes(model, *inputs) -> float:
@@ -40,8 +41,9 @@ feats = torch.randint(0, 20, (1, 48))
 coords = torch.randn(1, 48, 3)
 mask = torch.ones(1, 48, dtype=torch.bool)
 
-same = torch.allclose(package(feats, coords, mask).type1, ours(feats, coords, mask).type1,
-                      atol=1e-5)
+same = torch.allclose(
+    package(feats, coords, mask).type1, ours(feats, coords, mask).type1, atol=1e-5
+)
 print(f"revtree's trunk computes the package's function: {same}")
 # (equiformer-pytorch keeps its trunk's output as a plain attribute, out of these hooks' sight:
 # benchmarks/equiformer.py compares the two by process memory instead)

@@ -1,0 +1,250 @@
+"""Every coupling: gradients equal plain autograd, inverse(forward(x)) == x, gradcheck."""
+
+from __future__ import annotations
+
+import optree
+import pytest
+import torch
+from helpers import (
+    TreeMixer,
+    assert_trees_close,
+    codec_for,
+    half_widths,
+    materialize,
+    t,
+    trees,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import revtree
+from revtree.codecs import Split, ZeroVelocity
+from revtree.couplings import Additive, Affine, Coupling, Momentum
+from revtree.testing import compare_gradients, reconstruction_errors
+
+
+class Shear(Coupling):
+    """A coupling written by a user: y1 = x1 + f(x2), y2 = x2 - 0.5 g(y1)."""
+
+    def forward(self, f, g, x1, x2):
+        y1 = optree.tree_map(torch.add, x1, f(x2))
+        return y1, optree.tree_map(lambda a, b: a - 0.5 * b, x2, g(y1))
+
+    def inverse(self, f, g, y1, y2):
+        x2 = optree.tree_map(lambda a, b: a + 0.5 * b, y2, g(y1))
+        return optree.tree_map(torch.sub, y1, f(x2)), x2
+
+
+class PairMixer(nn.Module):
+    """For the affine coupling: a (log-scale, shift) pair of trees."""
+
+    def __init__(self, widths, dropout=0.0, seed=0):
+        super().__init__()
+        self.scale = TreeMixer(widths, dropout, seed)
+        self.shift = TreeMixer(widths, dropout, seed + 1000)
+
+    def forward(self, tree, ctx=None):
+        return self.scale(tree, ctx), self.shift(tree, ctx)
+
+
+COUPLINGS = {
+    "additive": Additive(),
+    "affine": Affine(bound=1.5),
+    "momentum": Momentum(gamma=0.8),
+    "shear": Shear(),
+}
+
+
+def _blocks(name, widths, depth, dropout, seed):
+    kind = PairMixer if name == "affine" else TreeMixer
+    return [
+        (kind(widths, dropout, seed + 2 * i), kind(widths, dropout, seed + 2 * i + 1))
+        for i in range(depth)
+    ]
+
+
+def _plain_reference(coupling, blocks, x, codecs, ctx):
+    """Plain autograd straight from the coupling's definition, without the engine."""
+    leaves, spec = optree.tree_flatten(x)
+    pairs = [c.encode(leaf, ()) for c, leaf in zip(codecs, leaves)]
+    x1, x2 = spec.unflatten([p[0] for p in pairs]), spec.unflatten([p[1] for p in pairs])
+    for f, g in blocks:
+        x1, x2 = coupling.forward(lambda tr, f=f: f(tr, ctx=ctx), g, x1, x2)
+    y1, y2 = optree.tree_leaves(x1), optree.tree_leaves(x2)
+    return spec.unflatten([c.decode(a, b, ()) for c, a, b in zip(codecs, y1, y2)])
+
+
+def _loss(y):
+    return sum(
+        (torch.linspace(-1, 1, leaf.numel(), dtype=leaf.dtype).reshape(leaf.shape) * leaf).sum()
+        + leaf.pow(2).mean()
+        for leaf in optree.tree_leaves(y)
+    )
+
+
+@st.composite
+def cases(draw):
+    structure = draw(trees())
+    seed = draw(st.integers(0, 1000))
+    x = materialize(structure, seed)
+    leaves, spec = optree.tree_flatten(x)
+    name = draw(st.sampled_from(sorted(COUPLINGS)))
+    if name == "momentum":
+        codecs = [ZeroVelocity() for _ in leaves]
+    else:
+        codecs = [codec_for(leaf, draw(st.sampled_from([0, 1, 2, 3]))) for leaf in leaves]
+    return dict(
+        x=x, codecs=codecs, codec_tree=spec.unflatten(codecs), name=name, seed=seed,
+        depth=draw(st.integers(1, 3)), dropout=draw(st.sampled_from([0.0, 0.3])),
+        mode=draw(st.sampled_from(["backward", "grad"])),
+    )
+
+
+@given(cases())
+def test_gradients_equal_plain_autograd(case):
+    x, codecs, name = case["x"], case["codecs"], case["name"]
+    coupling = COUPLINGS[name]
+    blocks = _blocks(name, half_widths_for(x, codecs), case["depth"], case["dropout"],
+                     case["seed"])
+    upstream = nn.Parameter(torch.linspace(-1, 1, 3, dtype=torch.float64))
+    seq = revtree.ReversibleSequence(blocks, codec=case["codec_tree"], coupling=coupling)
+    sources = [*optree.tree_leaves(x), upstream, *seq.parameters()]
+
+    def step(forward):
+        torch.manual_seed(case["seed"])
+        value = _loss(forward())
+        if case["mode"] == "grad":
+            return torch.autograd.grad(value, sources, allow_unused=True)
+        for s in sources:
+            s.grad = None
+        value.backward()
+        out = [s.grad for s in sources]
+        for s in sources:
+            s.grad = None
+        return out
+
+    expected = step(lambda: _plain_reference(coupling, blocks, x, codecs, upstream.sin()))
+    actual = step(lambda: seq(x, ctx=upstream.sin()))
+    assert_trees_close(list(actual), list(expected), what=f"{name} gradient")
+
+
+def half_widths_for(x, codecs):
+    return [c.encode(leaf, ())[0].shape[-1] for c, leaf in zip(codecs, optree.tree_leaves(x))]
+
+
+@given(cases())
+def test_inverse_of_forward_is_the_identity(case):
+    if case["name"] == "momentum":
+        case["codecs"] = [Split(-1) for _ in case["codecs"]]
+        case["codec_tree"] = Split(-1)
+    x, codecs, name = case["x"], case["codecs"], case["name"]
+    if not all(c.bijective for c in codecs):
+        return
+    blocks = _blocks(name, half_widths_for(x, codecs), case["depth"], 0.0, case["seed"])
+    seq = revtree.ReversibleSequence(blocks, codec=case["codec_tree"], coupling=COUPLINGS[name])
+    with torch.no_grad():
+        y = seq(x, ctx=torch.ones(2, dtype=torch.float64))
+        back = seq.inverse(y, ctx=torch.ones(2, dtype=torch.float64))
+    assert_trees_close(back, optree.tree_map(torch.Tensor.detach, x), tol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(COUPLINGS))
+def test_gradcheck_nested_tree(name):
+    x = {"a": t(2, 4), "b": (t(2, 2, seed=1),)}
+    codecs = [Split(-1), Split(-1)]
+    if name == "momentum":
+        codecs = [ZeroVelocity(), ZeroVelocity()]
+    spec = optree.tree_structure(x)
+    blocks = _blocks(name, half_widths_for(x, codecs), 2, 0.0, 0)
+    seq = revtree.ReversibleSequence(blocks, codec=spec.unflatten(codecs),
+                                     coupling=COUPLINGS[name])
+    ctx = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def fn(a, b, c):
+        y = seq({"a": a, "b": (b,)}, ctx=c)
+        return y["a"], y["b"][0]
+
+    assert torch.autograd.gradcheck(fn, (x["a"], x["b"][0], ctx))
+
+
+@pytest.mark.parametrize("name", sorted(COUPLINGS))
+def test_compare_gradients_helper_passes_on_every_coupling(name):
+    x = {"a": t(3, 4), "b": t(3, 6, seed=1)}
+    codec = ZeroVelocity() if name == "momentum" else Split(-1)
+    codecs = [codec, codec]
+    blocks = _blocks(name, half_widths_for(x, codecs), 3, 0.2, 0)
+    seq = revtree.ReversibleSequence(blocks, codec=codec, coupling=COUPLINGS[name])
+    ctx = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    rng = torch.get_rng_state()
+    report = compare_gradients(seq, x, ctx=ctx * 2)
+    assert report.worst < 1e-10, str(report)
+    assert "x['a']" in report.differences and "kwargs['ctx']" in report.differences
+    assert any(name.startswith("blocks.2.g.") for name in report.differences)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in seq.parameters())
+
+
+class Leaky(Additive):
+    """A deliberately wrong coupling: its inverse is off by a little."""
+
+    def uncombine(self, y, *update):
+        return y - 1.001 * update[0]
+
+
+def test_helpers_catch_a_wrong_backward():
+    x = {"a": t(3, 4), "b": t(3, 6, seed=1)}
+    blocks = _blocks("additive", [2, 3], 4, 0.0, 0)
+    seq = revtree.ReversibleSequence(blocks, coupling=Leaky())
+    report = compare_gradients(seq, x)
+    assert report.worst > 1e-4 and report.where is not None
+    drift = reconstruction_errors(seq, x)
+    assert all(d.local > 1e-5 for d in drift)
+    assert drift[0].accumulated >= drift[-1].accumulated * 0.5
+    good = reconstruction_errors(revtree.ReversibleSequence(blocks), x)
+    assert max(d.accumulated for d in good) < 1e-12
+
+
+def test_reconstruction_errors_find_the_ill_conditioned_block():
+    """A block whose g swamps its stream (x2 + 1e6 * g) loses x2 to float32 rounding."""
+    blocks = [(TreeMixer([8], seed=i), TreeMixer([8], seed=i + 50)) for i in range(6)]
+    seq = revtree.ReversibleSequence(blocks).float()
+    seq.blocks[3].g = Scaled(seq.blocks[3].g, 1e6)
+    drift = reconstruction_errors(seq, torch.randn(16, 16))
+    assert max(drift, key=lambda d: d.local).index == 3
+    assert drift[3].local > 1e-3 and drift[0].accumulated > 1e-3
+    assert all(d.local < 1e-5 for d in drift if d.index != 3)
+    assert drift[4].accumulated < 1e-5  # above the bad block, nothing has drifted yet
+
+
+class Scaled(nn.Module):
+    def __init__(self, net, factor):
+        super().__init__()
+        self.net, self.factor = net, factor
+
+    def forward(self, tree):
+        return optree.tree_map(lambda v: v * self.factor, self.net(tree))
+
+
+def test_momentum_inverse_refuses_zero_velocity():
+    blocks = _blocks("momentum", [4], 2, 0.0, 0)
+    seq = revtree.ReversibleSequence(blocks, codec=ZeroVelocity(), coupling=Momentum())
+    y = seq(t(2, 4))
+    with pytest.raises(revtree.RevtreeError, match="cannot split the output back"):
+        seq.inverse(y)
+
+
+def test_affine_f_must_return_a_pair():
+    blocks = _blocks("additive", [2], 1, 0.0, 0)
+    seq = revtree.ReversibleSequence(blocks, coupling=Affine())
+    with pytest.raises(revtree.RevtreeError, match=r"block 0: f returned .*PyTreeSpec\(\(\*, \*\)"):
+        seq(t(2, 4))
+
+
+def test_bad_coupling_and_parameters():
+    with pytest.raises(revtree.RevtreeError, match="not a revtree Coupling"):
+        revtree.ReversibleSequence([], coupling="additive")
+    with pytest.raises(ValueError, match="gamma"):
+        Momentum(gamma=0.0)
+    with pytest.raises(ValueError, match="bound"):
+        Affine(bound=-1)
