@@ -36,16 +36,25 @@ class Context:
     to_g: bool
 
     @classmethod
-    def build(cls, kwargs: dict[str, Any], route: Route, namespace: str) -> Context:
-        """Flatten ``kwargs`` and note where its tensors are."""
-        if route not in ROUTES:
+    def build(
+        cls, kwargs: dict[str, Any], route: Route | tuple[bool, bool], namespace: str
+    ) -> Context:
+        """Flatten ``kwargs`` and note where its tensors are.
+
+        ``route`` is ``"f"``, ``"g"`` or ``"both"``, or a pair of booleans ``(to_f, to_g)``.
+        """
+        if isinstance(route, tuple) and len(route) == 2:
+            to_f, to_g = map(bool, route)
+        elif route in ROUTES:
+            to_f, to_g = ROUTES[route]
+        else:
             raise RevtreeError(
                 f"route={route!r} is not one of {sorted(ROUTES)}. "
                 "Hint: route='f' sends keyword arguments to f only, 'g' to g only, 'both' to both."
             )
         leaves, spec = _trees.flatten(kwargs, namespace)
         positions = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
-        return cls(spec, tuple(leaves), positions, *ROUTES[route])
+        return cls(spec, tuple(leaves), positions, to_f, to_g)
 
     @property
     def tensors(self) -> list[torch.Tensor]:

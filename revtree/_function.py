@@ -55,7 +55,7 @@ class Stack:
     """A run of consecutive reversible blocks and everything their backward needs."""
 
     blocks: list[Block]
-    start: int
+    indices: list[int]
     layout: Layout
     namespace: str
     coupling: Coupling
@@ -69,7 +69,7 @@ class Stack:
     def build(
         cls,
         blocks: list[Block],
-        start: int,
+        indices: list[int],
         layout: Layout,
         namespace: str,
         coupling: Coupling,
@@ -83,7 +83,7 @@ class Stack:
         g_params = [_trainable(b.g, index, params) for b in blocks]
         return cls(
             blocks,
-            start,
+            indices,
             layout,
             namespace,
             coupling,
@@ -122,7 +122,7 @@ class ReversibleFunction(torch.autograd.Function):
         states = []
         for offset, block in enumerate(stack.blocks):
             x1, x2, block_states = forward_step(
-                block, stack.start + offset, x1, x2, inputs, stack.preserve_rng, devices
+                block, stack.indices[offset], x1, x2, inputs, stack.preserve_rng, devices
             )
             states.append(block_states)
         ctx.stack = stack
@@ -169,7 +169,7 @@ class ReversibleFunction(torch.autograd.Function):
                     f_slots, g_slots = list(dict.fromkeys(f_slots + g_slots)), []
                 step = reverse_step(
                     stack.blocks[offset],
-                    stack.start + offset,
+                    stack.indices[offset],
                     y1,
                     y2,
                     dy1,
@@ -199,8 +199,8 @@ def _check_versions(stack: Stack, versions: list[int]) -> None:
     for p, version in zip(stack.params, versions):
         if p._version != version:
             raise RevtreeError(
-                f"a parameter of shape {tuple(p.shape)} in blocks {stack.start}.."
-                f"{stack.start + len(stack.blocks) - 1} was modified in place between the "
+                f"a parameter of shape {tuple(p.shape)} in blocks {stack.indices[0]}.."
+                f"{stack.indices[-1]} was modified in place between the "
                 "forward and the backward pass, so the blocks cannot be recomputed. "
                 "Hint: call optimizer.step() after backward, not before."
             )

@@ -201,7 +201,14 @@ class ReversibleSequence(nn.Module):
             self._layouts[spec] = layout
         return layout
 
-    def _run(self, x: Any, kwargs: dict[str, Any], route: Route) -> Any:
+    def _run(
+        self,
+        x: Any,
+        kwargs: dict[str, Any],
+        route: Route | tuple[bool, bool],
+        indices: Sequence[int] | None = None,
+    ) -> Any:
+        """Run the blocks ``indices`` (all, by default) in order; adapters call this directly."""
         layout = self._layout(x)
         leaves, _ = _trees.flatten(x, self.namespace)
         x1, x2 = layout.encode(leaves)
@@ -210,15 +217,15 @@ class ReversibleSequence(nn.Module):
         context = Context.build(kwargs, route, self.namespace)
         f_kwargs, g_kwargs = context.rebuild(context.tensors)
         inputs = StepInputs(layout, self.namespace, self.coupling, f_kwargs, g_kwargs)
-        start = 0
-        for reversible, group in groupby(self._reversible):
-            stop = start + len(list(group))
-            blocks = list(self.blocks[start:stop])
+        indices = range(len(self.blocks)) if indices is None else indices
+        for reversible, group in groupby(indices, key=self._reversible.__getitem__):
+            run = list(group)
+            blocks = [self.blocks[i] for i in run]
             stack = None
             if reversible and torch.is_grad_enabled():
                 stack = Stack.build(
                     blocks,
-                    start,
+                    run,
                     layout,
                     self.namespace,
                     self.coupling,
@@ -228,9 +235,8 @@ class ReversibleSequence(nn.Module):
             if stack is not None and stack.needs_grad(x1, x2):
                 x1, x2 = stack.run(x1, x2)
             else:  # plain autograd, or nothing needs a gradient: store nothing, capture nothing
-                for index, block in enumerate(blocks, start):
+                for index, block in zip(run, blocks):
                     x1, x2, _ = forward_step(block, index, x1, x2, inputs)
-            start = stop
         return layout.decode(x1, x2)
 
 

@@ -9,7 +9,6 @@ from helpers import (
     TreeMixer,
     assert_trees_close,
     codec_for,
-    half_widths,
     materialize,
     t,
     trees,
@@ -95,8 +94,13 @@ def cases(draw):
     else:
         codecs = [codec_for(leaf, draw(st.sampled_from([0, 1, 2, 3]))) for leaf in leaves]
     return dict(
-        x=x, codecs=codecs, codec_tree=spec.unflatten(codecs), name=name, seed=seed,
-        depth=draw(st.integers(1, 3)), dropout=draw(st.sampled_from([0.0, 0.3])),
+        x=x,
+        codecs=codecs,
+        codec_tree=spec.unflatten(codecs),
+        name=name,
+        seed=seed,
+        depth=draw(st.integers(1, 3)),
+        dropout=draw(st.sampled_from([0.0, 0.3])),
         mode=draw(st.sampled_from(["backward", "grad"])),
     )
 
@@ -105,8 +109,7 @@ def cases(draw):
 def test_gradients_equal_plain_autograd(case):
     x, codecs, name = case["x"], case["codecs"], case["name"]
     coupling = COUPLINGS[name]
-    blocks = _blocks(name, half_widths_for(x, codecs), case["depth"], case["dropout"],
-                     case["seed"])
+    blocks = _blocks(name, half_widths_for(x, codecs), case["depth"], case["dropout"], case["seed"])
     upstream = nn.Parameter(torch.linspace(-1, 1, 3, dtype=torch.float64))
     seq = revtree.ReversibleSequence(blocks, codec=case["codec_tree"], coupling=coupling)
     sources = [*optree.tree_leaves(x), upstream, *seq.parameters()]
@@ -157,8 +160,7 @@ def test_gradcheck_nested_tree(name):
         codecs = [ZeroVelocity(), ZeroVelocity()]
     spec = optree.tree_structure(x)
     blocks = _blocks(name, half_widths_for(x, codecs), 2, 0.0, 0)
-    seq = revtree.ReversibleSequence(blocks, codec=spec.unflatten(codecs),
-                                     coupling=COUPLINGS[name])
+    seq = revtree.ReversibleSequence(blocks, codec=spec.unflatten(codecs), coupling=COUPLINGS[name])
     ctx = torch.randn(3, dtype=torch.float64, requires_grad=True)
 
     def fn(a, b, c):

@@ -4,12 +4,14 @@ Each adapter is a submodule, imported on first use (``import revtree`` imports n
 
 - [`revtree.adapters.equiformer`][revtree.adapters.equiformer]: equiformer-pytorch's
   ``ReversibleSequence`` and ``SequentialSequence``.
+- [`revtree.adapters.reformer`][revtree.adapters.reformer]: reformer-pytorch's
+  ``ReversibleSequence``.
 """
 
 import importlib
 from types import ModuleType
 
-_ADAPTERS = ("equiformer",)
+_ADAPTERS = ("equiformer", "reformer")
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -39,19 +39,9 @@ from torch import nn
 
 from .. import _sequence
 from ..codecs import Degree
+from ._named import Named
 
 Features = dict[int, torch.Tensor]
-
-
-class _Named(nn.Module):
-    """Holds a block function as ``.net``, where equiformer-pytorch's checkpoints expect it."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.net(*args, **kwargs)
 
 
 class ReversibleSequence(_sequence.ReversibleSequence):
@@ -63,7 +53,7 @@ class ReversibleSequence(_sequence.ReversibleSequence):
     """
 
     def __init__(self, blocks: list[tuple[nn.Module, nn.Module]]) -> None:
-        super().__init__([(_Named(f), _Named(g)) for f, g in blocks], codec=Degree(), route="f")
+        super().__init__([(Named(f), Named(g)) for f, g in blocks], codec=Degree(), route="f")
 
 
 class SequentialSequence(nn.Module):
