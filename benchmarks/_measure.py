@@ -182,13 +182,14 @@ def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
-def ratio(value: float, base: float, digits: int = 2) -> str:
-    """``value / base`` with ``digits`` decimals, ``n/a`` when ``base`` is not positive.
+def ratio(value: float, base: float, digits: int = 2, floor: float = 0.0) -> str:
+    """``value / base`` with ``digits`` decimals, ``n/a`` when ``base`` is at most ``floor``.
 
-    A held-memory figure can be zero: RSS moves by whole pages, and small tensors reuse
-    heap pages that an earlier step left resident.
+    A held-memory figure of a few hundred kB is noise, and can be zero or negative: RSS
+    moves by whole pages, small tensors reuse heap pages that an earlier step left
+    resident, and glibc may trim the heap during the forward.
     """
-    return f"{value / base:.{digits}f}" if base > 0 else "n/a"
+    return f"{value / base:.{digits}f}" if base > floor else "n/a"
 
 
 def verdict(ok: bool) -> str:
