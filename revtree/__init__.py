@@ -7,6 +7,7 @@ from . import codecs as codecs
 from . import couplings as couplings
 from ._block import Block as Block
 from ._errors import RevtreeError as RevtreeError
+from ._errors import RevtreeWarning as RevtreeWarning
 from ._sequence import ReversibleSequence as ReversibleSequence
 from ._state import current_block as current_block
 from ._state import is_recomputing as is_recomputing
@@ -15,6 +16,7 @@ __all__ = [
     "Block",
     "ReversibleSequence",
     "RevtreeError",
+    "RevtreeWarning",
     "codecs",
     "couplings",
     "current_block",

@@ -16,3 +16,13 @@ class RevtreeError(ValueError):
         ...     print("odd" in str(e))
         True
     """
+
+
+class RevtreeWarning(UserWarning):
+    """Warned when a block's inputs are rebuilt with more error than ``check_drift`` allows.
+
+    Example:
+        >>> import warnings, revtree
+        >>> issubclass(revtree.RevtreeWarning, UserWarning)
+        True
+    """

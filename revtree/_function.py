@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _rng
+from . import _drift, _rng
 from ._autocast import AutocastState
 from ._block import Block
 from ._context import Context
@@ -61,6 +61,7 @@ class Stack:
     coupling: Coupling
     context: Context
     preserve_rng: bool
+    check_drift: float | None
     params: list[nn.Parameter]
     f_params: list[list[int]]
     g_params: list[list[int]]
@@ -75,6 +76,7 @@ class Stack:
         coupling: Coupling,
         context: Context,
         preserve_rng: bool,
+        check_drift: float | None = None,
     ) -> Stack:
         """Collect the blocks' trainable parameters once, shared ones once only."""
         index: dict[int, int] = {}
@@ -89,6 +91,7 @@ class Stack:
             coupling,
             context,
             preserve_rng,
+            check_drift,
             params,
             f_params,
             g_params,
@@ -120,13 +123,17 @@ class ReversibleFunction(torch.autograd.Function):
         f_kwargs, g_kwargs = stack.context.rebuild(kw)
         inputs = StepInputs(stack.layout, stack.namespace, stack.coupling, f_kwargs, g_kwargs)
         states = []
+        samples = []
         for offset, block in enumerate(stack.blocks):
+            if stack.check_drift is not None:
+                samples.append(_drift.sample([*x1, *x2]))
             x1, x2, block_states = forward_step(
                 block, stack.indices[offset], x1, x2, inputs, stack.preserve_rng, devices
             )
             states.append(block_states)
         ctx.stack = stack
         ctx.states = states
+        ctx.samples = samples
         ctx.devices = devices
         ctx.autocast = AutocastState.capture(("cuda",) if devices else ())
         ctx.versions = [p._version for p in stack.params]
@@ -161,6 +168,7 @@ class ReversibleFunction(torch.autograd.Function):
         fused = isinstance(stack.coupling, Elementwise)
         totals: list[Any] = [None] * len(sources)
 
+        warned = False
         with _rng.preserved(ctx.devices), ctx.autocast.replay():
             for offset in reversed(range(len(stack.blocks))):
                 f_slots = [*f_kw, *(n_kw + j for j in stack.f_params[offset])]
@@ -181,6 +189,14 @@ class ReversibleFunction(torch.autograd.Function):
                     ctx.devices,
                 )
                 y1, y2, dy1, dy2 = step.x1, step.x2, step.dx1, step.dx2
+                if ctx.samples and not warned:
+                    warned = _drift.check(
+                        stack.indices[offset],
+                        stack.layout.names,
+                        [*y1, *y2],
+                        ctx.samples[offset],
+                        stack.check_drift,
+                    )
                 _accumulate(totals, f_slots, step.f_grads)
                 _accumulate(totals, g_slots, step.g_grads)
 

@@ -52,6 +52,9 @@ class ReversibleSequence(nn.Module):
         preserve_rng_state: Replay the random generators in the recomputation so that
             dropout draws the forward's masks. Turn off only for blocks that draw no
             random numbers.
+        check_drift: If set, a relative error: backward compares each block's rebuilt
+            inputs with a small sample kept from the forward pass and warns
+            ([`RevtreeWarning`][revtree.RevtreeWarning]), naming the block, past it.
         namespace: The optree namespace of custom pytree nodes in the input.
 
     Example:
@@ -87,6 +90,7 @@ class ReversibleSequence(nn.Module):
         reversible: bool | Sequence[bool] = True,
         route: Route = "f",
         preserve_rng_state: bool = True,
+        check_drift: float | None = None,
         namespace: str = "",
     ) -> None:
         super().__init__()
@@ -101,6 +105,7 @@ class ReversibleSequence(nn.Module):
         self.reversible = reversible
         self.route = route
         self.preserve_rng_state = preserve_rng_state
+        self.check_drift = check_drift
         self.namespace = namespace
         self._layouts: dict[PyTreeSpec, Layout] = {}
 
@@ -231,6 +236,7 @@ class ReversibleSequence(nn.Module):
                     self.coupling,
                     context,
                     self.preserve_rng_state,
+                    self.check_drift,
                 )
             if stack is not None and stack.needs_grad(x1, x2):
                 x1, x2 = stack.run(x1, x2)

@@ -18,7 +18,7 @@ import optree
 import torch
 from optree import PyTreeSpec
 
-from . import _rng, _trees
+from . import _buffers, _rng, _trees
 from ._block import Block, call, combine
 from ._errors import RevtreeError
 from ._layout import Layout
@@ -233,7 +233,7 @@ def reverse_step(
         states: The generator states ``forward_step`` recorded, or ``None``.
         devices: The CUDA devices whose generators were captured.
     """
-    with running(index, recomputing=True):
+    with running(index, recomputing=True), _buffers.kept(block):
         if isinstance(inputs.coupling, Elementwise):
             return _reverse_elementwise(
                 block, index, y1, y2, dy1, dy2, inputs, f_sources, g_sources, states, devices

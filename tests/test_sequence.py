@@ -328,3 +328,31 @@ def test_extra_repr_and_state_dict_names():
     names = list(seq.state_dict())
     assert names[0].startswith("blocks.0.f.") and any(n.startswith("blocks.1.g.") for n in names)
     assert "codec=Split(dim=-1)" in repr(seq)
+
+
+class BatchNormBlock(nn.Module):
+    def __init__(self, width, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(width, width, dtype=torch.float64)
+        self.norm = nn.BatchNorm1d(width, dtype=torch.float64)
+
+    def forward(self, x):
+        return torch.tanh(self.norm(self.lin(x)))
+
+
+def test_batchnorm_running_statistics_updated_once_per_step():
+    stats = {}
+    grads = {}
+    for reversible in (True, False):
+        blocks = [(BatchNormBlock(4, 2 * i), BatchNormBlock(4, 2 * i + 1)) for i in range(3)]
+        seq = revtree.ReversibleSequence(blocks, reversible=reversible)
+        x = t(16, 8)
+        for _ in range(3):
+            seq(x).pow(2).sum().backward()
+        stats[reversible] = {k: v.clone() for k, v in seq.state_dict().items() if "norm." in k}
+        grads[reversible] = [p.grad for p in seq.parameters()]
+    for key, value in stats[False].items():
+        torch.testing.assert_close(stats[True][key], value, rtol=0, atol=1e-12, msg=key)
+    assert stats[True]["blocks.0.f.norm.num_batches_tracked"].item() == 3
+    assert_trees_close(grads[True], grads[False])
