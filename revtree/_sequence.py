@@ -19,7 +19,7 @@ from ._layout import Layout
 from ._state import running
 from ._steps import StepInputs, forward_step
 from .codecs import Codec, Split
-from .couplings import Additive, Coupling
+from .couplings import Additive, Coupling, Elementwise
 
 _LAYOUT_CACHE_SIZE = 32
 
@@ -223,6 +223,11 @@ class ReversibleSequence(nn.Module):
         f_kwargs, g_kwargs = context.rebuild(context.tensors)
         inputs = StepInputs(layout, self.namespace, self.coupling, f_kwargs, g_kwargs)
         indices = range(len(self.blocks)) if indices is None else indices
+        # f (and a generic coupling) must not see the caller's storage: were it to modify
+        # its input in place, the error raised would come too late for the caller's tensors
+        x2 = [t.clone() for t in x2]
+        if not isinstance(self.coupling, Elementwise):
+            x1 = [t.clone() for t in x1]
         for reversible, group in groupby(indices, key=self._reversible.__getitem__):
             run = list(group)
             blocks = [self.blocks[i] for i in run]

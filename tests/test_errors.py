@@ -142,3 +142,20 @@ def test_f_modifies_its_input_in_place():
     x = {"a": t(2, 4)}
     with pytest.raises(revtree.RevtreeError, match=r"block 1: g modified its input leaf x\['a'\]"):
         seq(x)
+
+
+def test_first_f_modifying_the_callers_input_in_place_leaves_it_intact():
+    def inplace(x, w):
+        x["a"].mul_(2)
+        return {"a": x["a"] * w}
+
+    seq = revtree.ReversibleSequence([(Returns(inplace), _ok())])
+    _raises(r"block 0: f modified its input leaf x\['a'\]", seq, {"a": t(2, 4)})
+    with torch.no_grad():
+        _raises(r"block 0: f modified its input", seq, {"a": t(2, 4)})
+
+
+def test_f_returning_another_device():
+    bad = Returns(lambda x, w: {"a": torch.zeros(x["a"].shape, device="meta")})
+    seq = revtree.ReversibleSequence([(bad, _ok())])
+    _raises(r"block 0: f returned shape \(2, 2\) torch.float32 on meta", seq, {"a": t(2, 4)})

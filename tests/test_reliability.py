@@ -80,6 +80,7 @@ def _ddp_worker(rank, world, port, find_unused, out):
         _train(model, [shard])
         if rank == 0:
             torch.save(model.module.state_dict(), out)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
