@@ -1,6 +1,13 @@
 import os
 
-from hypothesis import HealthCheck, settings
+# One thread per process: the suite's subprocesses (examples, DDP workers) and the runner
+# would otherwise oversubscribe the cores, and OpenMP's spinning makes that very slow.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+torch.set_num_threads(1)
 
 settings.register_profile(
     "default", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow]
