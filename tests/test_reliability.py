@@ -101,6 +101,31 @@ def test_ddp_equals_single_process_plain_autograd(find_unused, tmp_path):
     assert not torch.equal(actual["context"], Model(reversible=False).context.detach())
 
 
+def _fsdp_worker(rank, world, port, out):
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = Model(reversible=True)
+        fully_shard(model.seq)  # the reversible sequence is one unit, gathered for its backward
+        fully_shard(model)
+        _train(model, [{k: v.chunk(world)[rank] for k, v in _batch().items()}])
+        state = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        if rank == 0:
+            torch.save(state, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_equals_single_process_plain_autograd(tmp_path):
+    out = tmp_path / "fsdp.pt"
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    expected = _train(Model(reversible=False), [_batch()]).state_dict()
+    assert_trees_close(dict(torch.load(out)), dict(expected), tol=1e-9)
+
+
 # ---------------------------------------------------------------------------- compile
 
 
