@@ -22,6 +22,12 @@ class GradientReport:
             ``kwargs[...]`` or a parameter name), ``max|reversible - plain| / max|plain|``.
         worst: The largest of them.
         where: The source with the worst difference.
+
+    Example:
+        >>> from revtree.testing import GradientReport
+        >>> report = GradientReport({"x['a']": 1e-16, "blocks.0.f.weight": 3e-4})
+        >>> report.where, f"{report.worst:.0e}"
+        ('blocks.0.f.weight', '3e-04')
     """
 
     differences: dict[str, float] = field(default_factory=dict)

@@ -24,6 +24,11 @@ class BlockDrift:
         local: The error of rebuilding this block's input from its own (exact) output.
         accumulated: The error of rebuilding this block's input from the stack's final
             output, through every block above it: what backward actually sees.
+
+    Example:
+        >>> from revtree.testing import BlockDrift
+        >>> BlockDrift(index=3, local=1e-7, accumulated=2e-6).accumulated
+        2e-06
     """
 
     index: int
