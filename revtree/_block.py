@@ -108,25 +108,46 @@ def combine(
     index: int,
     layout: Layout,
 ) -> list[torch.Tensor]:
-    """``coupling.combine`` leaf by leaf, checking that each leaf keeps its shape and dtype."""
-    out = []
+    """``coupling.combine_leaves``, checking that each leaf keeps its shape and dtype."""
+    out = None
+    if all(isinstance(u, torch.Tensor) for u in update):
+        try:
+            out = coupling.combine_leaves(x, update)
+        except (RuntimeError, TypeError):
+            pass
+    if out is not None and all(
+        y.shape == a.shape and y.dtype == a.dtype and y.device == a.device for y, a in zip(out, x)
+    ):
+        return out
+    raise _combine_error(coupling, x, update, which, index, layout)
+
+
+def _combine_error(
+    coupling: Elementwise,
+    x: list[torch.Tensor],
+    update: list[torch.Tensor],
+    which: str,
+    index: int,
+    layout: Layout,
+) -> RevtreeError:
+    """The error for the first leaf that ``combine`` cannot take."""
     n = len(x)
     for i, (name, a) in enumerate(zip(layout.names, x)):
         parts = update[i::n]  # leaf i of each of the coupling's update trees
         for b in parts:
             if not isinstance(b, torch.Tensor):
-                raise RevtreeError(
+                return RevtreeError(
                     f"block {index}: {which} returned {_trees.describe(b)} at {name}, where the "
                     f"half-stream holds a tensor of shape {tuple(a.shape)}. "
                     f"Hint: {which} must return a tensor for every leaf."
                 )
         try:
-            y = coupling.combine(a, *parts)
+            y, error = coupling.combine(a, *parts), None
         except RuntimeError as e:
             y, error = None, e
         if y is None or y.shape != a.shape or y.dtype != a.dtype or y.device != a.device:
             got = ", ".join(f"{_trees.describe(b)} on {b.device}" for b in parts)
-            raise RevtreeError(
+            return RevtreeError(
                 f"block {index}: {which} returned {got} at {name}, which cannot be combined "
                 f"with the half-stream leaf of {_trees.describe(a)} on {a.device} without "
                 "changing it"
@@ -134,5 +155,8 @@ def combine(
                 + f". Hint: {which} must return, for every leaf, a tensor of its input's shape, "
                 "dtype and device (under autocast a lower-precision result is fine)."
             )
-        out.append(y)
-    return out
+    return RevtreeError(
+        f"block {index}: {coupling!r}.combine_leaves returned leaves that differ from what "
+        "combine gives leaf by leaf. Hint: combine_leaves must return, for every leaf, "
+        "combine(x, *update) of that leaf."
+    )

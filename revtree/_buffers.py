@@ -18,14 +18,17 @@ from torch import nn
 
 
 @contextmanager
-def kept(*modules: nn.Module) -> Iterator[None]:
-    """Undo, on exit, any change the context makes to the buffers of modules in training mode."""
+def kept(modules: list[nn.Module]) -> Iterator[None]:
+    """Undo, on exit, any change the context makes to the buffers of ``modules`` in training mode.
+
+    ``modules`` are the modules that hold buffers (not their children), as the engine's
+    walk over a block collects them.
+    """
     saved = [
         (buffer, buffer.clone())
         for module in modules
-        for sub in module.modules()
-        if sub.training
-        for buffer in sub._buffers.values()
+        if module.training
+        for buffer in module._buffers.values()
         if buffer is not None and not buffer.is_inference()
     ]
     try:

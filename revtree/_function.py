@@ -27,27 +27,36 @@ from ._steps import StepInputs, forward_step, reverse_step
 from .couplings import Coupling, Elementwise
 
 
-def _trainable(module: nn.Module, index: dict[int, int], params: list[nn.Parameter]) -> list[int]:
+def _walk(
+    module: nn.Module, index: dict[int, int], params: list[nn.Parameter], buffered: list[nn.Module]
+) -> list[int]:
     """Indices into ``params`` (extended as needed) of ``module``'s trainable parameters.
 
-    Walks ``_modules`` and ``_parameters`` directly: read afresh on every call (so a
-    replaced or frozen parameter is never missed) at a third of the cost of
-    ``module.parameters()``, which matters on the per-block path.
+    Also appends to ``buffered`` the submodules that hold buffers (running statistics that
+    the recomputation must leave as the forward left them). Walks ``_modules``,
+    ``_parameters`` and ``_buffers`` directly: read afresh on every call (so a replaced,
+    swapped or frozen parameter is never missed) at a fraction of the cost of
+    ``module.parameters()``, which matters on the per-call path.
     """
     out: list[int] = []
-    seen: set[int] = set()
     stack = [module]
     while stack:
         mod = stack.pop()
-        for p in mod._parameters.values():
-            if p is not None and p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                if id(p) not in index:
-                    index[id(p)] = len(params)
-                    params.append(p)
-                out.append(index[id(p)])
-        stack.extend(child for child in mod._modules.values() if child is not None)
-    return out
+        if mod is None:
+            continue
+        if mod._parameters:
+            for p in mod._parameters.values():
+                if p is not None and p.requires_grad:
+                    j = index.get(id(p))
+                    if j is None:
+                        j = index[id(p)] = len(params)
+                        params.append(p)
+                    out.append(j)
+        if mod._buffers:
+            buffered.append(mod)
+        if mod._modules:
+            stack.extend(mod._modules.values())
+    return list(dict.fromkeys(out))  # a parameter shared inside the module: one slot
 
 
 @dataclass
@@ -65,6 +74,7 @@ class Stack:
     params: list[nn.Parameter]
     f_params: list[list[int]]
     g_params: list[list[int]]
+    buffered: list[list[nn.Module]]
 
     @classmethod
     def build(
@@ -81,8 +91,9 @@ class Stack:
         """Collect the blocks' trainable parameters once, shared ones once only."""
         index: dict[int, int] = {}
         params: list[nn.Parameter] = []
-        f_params = [_trainable(b.f, index, params) for b in blocks]
-        g_params = [_trainable(b.g, index, params) for b in blocks]
+        buffered: list[list[nn.Module]] = [[] for _ in blocks]
+        f_params = [_walk(b.f, index, params, buffered[i]) for i, b in enumerate(blocks)]
+        g_params = [_walk(b.g, index, params, buffered[i]) for i, b in enumerate(blocks)]
         return cls(
             blocks,
             indices,
@@ -95,6 +106,7 @@ class Stack:
             params,
             f_params,
             g_params,
+            buffered,
         )
 
     def needs_grad(self, x1: list[torch.Tensor], x2: list[torch.Tensor]) -> bool:
@@ -187,6 +199,7 @@ class ReversibleFunction(torch.autograd.Function):
                     [sources[k] for k in g_slots],
                     ctx.states[offset],
                     ctx.devices,
+                    stack.buffered[offset],
                 )
                 y1, y2, dy1, dy2 = step.x1, step.x2, step.dx1, step.dx2
                 if ctx.samples and not warned:

@@ -88,6 +88,24 @@ class Elementwise(Coupling):
     def uncombine(self, y: torch.Tensor, *update: torch.Tensor) -> torch.Tensor:
         """The input leaf back from the output leaf and the same update leaves."""
 
+    def combine_leaves(
+        self, x: list[torch.Tensor], update: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """``combine`` over a whole half-stream: ``update`` is the ``arity`` update lists, joined.
+
+        The engine calls this on a whole half-stream at once; override it with a batched
+        (``torch._foreach_*``) version where one exists, as ``Additive`` does.
+        """
+        n = len(x)
+        return [self.combine(a, *update[i::n]) for i, a in enumerate(x)]
+
+    def uncombine_leaves(
+        self, y: list[torch.Tensor], update: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """``uncombine`` over matching lists of leaves, as in ``combine_leaves``."""
+        n = len(y)
+        return [self.uncombine(b, *update[i::n]) for i, b in enumerate(y)]
+
     def _map(self, fn: Callable[..., torch.Tensor], x: Tree, update: Any) -> Tree:
         updates = (update,) if self.arity == 1 else tuple(update)
         return optree.tree_map(fn, x, *updates)
