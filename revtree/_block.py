@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
+import optree
 import torch
 from optree import PyTreeSpec
 from torch import nn
 
 from . import _trees
+from ._context import Context
 from ._errors import RevtreeError
 from ._layout import Layout
-from .couplings import Elementwise
+from .couplings import Coupling, Elementwise
 
 
 class Block(nn.Module):
@@ -60,14 +63,122 @@ def as_block(index: int, block: Any) -> Block:
     )
 
 
+class Versions:
+    """The version counters of tensors that ``f`` or ``g`` must not modify in place.
+
+    A reversible block calls ``f`` and ``g`` again during backward: a function that
+    modified its input stream in place would make the block impossible to reconstruct,
+    one that modified a keyword tensor would see (and leave) other values the second time.
+    Read before a call, checked after it.
+    """
+
+    __slots__ = ("tensors", "versions")
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+        # inference tensors have no version counter (and cannot be modified outside it)
+        self.versions = [None if t.is_inference() else t._version for t in tensors]
+
+    def changed(self) -> int | None:
+        """The position of the first tensor modified since, if any."""
+        for k, (t, version) in enumerate(zip(self.tensors, self.versions)):
+            if version is not None and t._version != version:
+                return k
+        return None
+
+
+def check_unchanged(
+    which: str,
+    index: int,
+    streams: Versions,
+    stream_names: tuple[str, ...],
+    keywords: Versions,
+    context: Context | None,
+) -> None:
+    """Raise if ``f`` or ``g`` modified its input leaves or keyword tensors in place."""
+    k = streams.changed()
+    if k is not None:
+        raise RevtreeError(
+            f"block {index}: {which} modified its input leaf {stream_names[k]} "
+            f"({_trees.describe(streams.tensors[k])}) in place, so the block's inputs cannot "
+            f"be reconstructed from its outputs. Hint: use out-of-place operations on the "
+            f"input in {which} (e.g. x = x * 2, not x *= 2)."
+        )
+    k = keywords.changed()
+    if k is not None:
+        name = context.name(k) if context is not None else f"keyword tensor {k}"
+        raise RevtreeError(
+            f"block {index}: {which} modified the keyword tensor {name} "
+            f"({_trees.describe(keywords.tensors[k])}) in place; a reversible block runs "
+            f"{which} again during backward, which would see and leave other values. "
+            f"Hint: compute a new tensor in {which} (e.g. c = c * 2, not c *= 2)."
+        )
+
+
+@dataclass
+class StepInputs:
+    """What every block of one call shares: layout, coupling and keyword arguments.
+
+    ``f_keywords`` and ``g_keywords`` are the tensors inside ``f_kwargs`` and ``g_kwargs``,
+    watched for in-place changes and named through ``context`` in errors.
+    """
+
+    layout: Layout
+    namespace: str
+    coupling: Coupling
+    f_kwargs: dict[str, Any]
+    g_kwargs: dict[str, Any]
+    context: Context | None = None
+    f_keywords: list[torch.Tensor] = field(default_factory=list)
+    g_keywords: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        layout: Layout,
+        namespace: str,
+        coupling: Coupling,
+        context: Context,
+        tensors: list[torch.Tensor],
+    ) -> StepInputs:
+        """The inputs of one call, with ``tensors`` put into the keyword arguments."""
+        f_kwargs, g_kwargs = context.rebuild(tensors)
+        return cls(
+            layout,
+            namespace,
+            coupling,
+            f_kwargs,
+            g_kwargs,
+            context,
+            list(tensors) if context.to_f else [],
+            list(tensors) if context.to_g else [],
+        )
+
+    @property
+    def update_spec(self) -> PyTreeSpec:
+        """The structure ``f`` and ``g`` return for an elementwise coupling."""
+        arity = getattr(self.coupling, "arity", 1)
+        if arity == 1:
+            return self.layout.spec
+        return optree.treespec_tuple(
+            [self.layout.spec] * arity,
+            none_is_leaf=_trees.NONE_IS_LEAF,
+            namespace=self.namespace,
+        )
+
+    def keywords(self, which: str) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """The keyword arguments of ``f`` or ``g``, and the tensors among them."""
+        if which == "f":
+            return self.f_kwargs, self.f_keywords
+        return self.g_kwargs, self.g_keywords
+
+
 def call(
     module: nn.Module,
     which: str,
     index: int,
-    layout: Layout,
     leaves: list[torch.Tensor],
-    kwargs: dict[str, Any],
-    namespace: str,
+    inputs: StepInputs,
     expected: PyTreeSpec,
 ) -> list[torch.Tensor]:
     """Call ``f`` or ``g`` on a half-stream given as leaves; return its output's leaves.
@@ -75,18 +186,13 @@ def call(
     ``expected`` is the structure the coupling needs back: the half-stream's own, or a tuple
     of them (e.g. a log-scale and a shift tree for the affine coupling).
     """
-    versions = [None if t.is_inference() else t._version for t in leaves]  # no counter there
+    layout = inputs.layout
+    kwargs, keywords = inputs.keywords(which)
+    streams, watched = Versions(leaves), Versions(keywords)
     out = module(layout.spec.unflatten(leaves), **kwargs)
-    for name, t, version in zip(layout.names, leaves, versions):
-        if version is not None and t._version != version:
-            raise RevtreeError(
-                f"block {index}: {which} modified its input leaf {name} ({_trees.describe(t)}) "
-                "in place, so the block's inputs cannot be reconstructed from its outputs. "
-                f"Hint: use out-of-place operations on the input in {which} "
-                "(e.g. x = x * 2, not x *= 2)."
-            )
-    out_leaves, out_spec = _trees.flatten(out, namespace)
-    if out_spec != expected:
+    check_unchanged(which, index, streams, layout.names, watched, inputs.context)
+    out_leaves, out_spec = _trees.flatten(out, inputs.namespace)
+    if _trees.differ(out_spec, expected):
         wanted = (
             "a pytree with the structure of its input (same keys, same nesting, one tensor per "
             "leaf)"

@@ -2,10 +2,13 @@
 
 A recomputed block runs its modules a second time in training mode, which would update
 running statistics twice per step. The buffers of every module in training mode are
-snapshotted before the recomputation and those it changed are put back afterwards, so
-they end the step exactly where plain autograd leaves them. Changes are found by value,
-since batch norm updates its statistics inside its kernel without bumping their version
-counters; unchanged buffers are not written to (autograd may have saved them elsewhere).
+snapshotted before the recomputation and put back afterwards, so they end the step
+exactly where plain autograd leaves them. Both ways of updating a buffer are undone:
+in place (batch norm updates its statistics inside its kernel without bumping their
+version counters, so changes are found by value) and by assignment
+(``self.count = self.count + 1`` puts a new tensor in the module's slot, so the slot
+gets the forward's tensor back). Unchanged buffers are not written to (autograd may have
+saved them elsewhere).
 """
 
 from __future__ import annotations
@@ -25,16 +28,18 @@ def kept(modules: list[nn.Module]) -> Iterator[None]:
     walk over a block collects them.
     """
     saved = [
-        (buffer, buffer.clone())
+        (module, name, buffer, buffer.clone())
         for module in modules
         if module.training
-        for buffer in module._buffers.values()
+        for name, buffer in module._buffers.items()
         if buffer is not None and not buffer.is_inference()
     ]
     try:
         yield
     finally:
         with torch.no_grad():
-            for buffer, value in saved:
+            for module, name, buffer, value in saved:
+                if module._buffers.get(name) is not buffer:
+                    module._buffers[name] = buffer
                 if not torch.equal(buffer, value):
                     buffer.copy_(value)

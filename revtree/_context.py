@@ -56,6 +56,10 @@ class Context:
         positions = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
         return cls(spec, tuple(leaves), positions, to_f, to_g)
 
+    def name(self, k: int) -> str:
+        """The key path of the ``k``-th tensor leaf, as ``kwargs['edges'][0]``."""
+        return self.spec.accessors()[self.positions[k]].codify("kwargs")
+
     @property
     def tensors(self) -> list[torch.Tensor]:
         """The tensor leaves of the keyword arguments, in flattening order."""

@@ -3,11 +3,17 @@
 With ``check_drift`` set, the forward pass keeps a strided sample of at most 64 entries of
 every input leaf of every block (a few hundred bytes a block), and backward compares the
 rebuilt inputs with it, warning past the threshold with the block and the leaf named.
+
+An error is measured against the size of the input leaf the stream came from, the larger
+of its two streams: a stream can be exactly zero (the velocity of
+[`ZeroVelocity`][revtree.codecs.ZeroVelocity] at block 0), and a rounding error in it
+matters as much as one of that size in its partner.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -26,6 +32,33 @@ def sample(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def relative_errors(rebuilt: Sequence[torch.Tensor], exact: Sequence[torch.Tensor]) -> list[float]:
+    """For each stream leaf, ``max|rebuilt - exact|`` over the size of its input leaf.
+
+    Both lists hold the two streams' leaves, ``[*x1, *x2]``. The size of input leaf ``i``
+    is the largest ``|exact|`` in either of its streams, ``exact[i]`` and ``exact[i + n]``;
+    a leaf that is zero in both is measured by its absolute error.
+
+    Example:
+        >>> import torch
+        >>> x1, x2 = torch.tensor([2.0, -4.0]), torch.zeros(2)  # a position, a velocity
+        >>> relative_errors([x1, x2 + 0.5], [x1, x2])
+        [0.0, 0.125]
+    """
+    n = len(exact) // 2
+    diffs = [_largest(a.detach() - b.detach()) for a, b in zip(rebuilt, exact)]
+    sizes = [_largest(b.detach()) for b in exact]
+    errors = []
+    for i, diff in enumerate(diffs):
+        scale = max(sizes[i % n], sizes[i % n + n])
+        errors.append(diff / scale if scale > 0 else diff)
+    return errors
+
+
+def _largest(t: torch.Tensor) -> float:
+    return t.abs().max().item() if t.numel() else 0.0
+
+
 def check(
     index: int,
     names: tuple[str, ...],
@@ -39,11 +72,7 @@ def check(
     further and the warning names the block where the drift starts.
     """
     n = len(names)
-    errors = []
-    for now, then in zip(sample(rebuilt), samples):
-        scale = then.abs().max().item() if then.numel() else 0.0
-        diff = (now - then).abs().max().item() if then.numel() else 0.0
-        errors.append(diff / max(scale, 1e-30))
+    errors = relative_errors(sample(rebuilt), samples)
     worst = max(range(len(errors)), key=errors.__getitem__, default=None)
     if worst is not None and errors[worst] > threshold:
         stream = 1 if worst < n else 2

@@ -132,8 +132,9 @@ class ReversibleFunction(torch.autograd.Function):
         x1, x2 = list(tensors[:n]), list(tensors[n : 2 * n])
         kw = tensors[2 * n : 2 * n + n_kw]
         devices = _rng.cuda_devices(tensors)
-        f_kwargs, g_kwargs = stack.context.rebuild(kw)
-        inputs = StepInputs(stack.layout, stack.namespace, stack.coupling, f_kwargs, g_kwargs)
+        inputs = StepInputs.build(
+            stack.layout, stack.namespace, stack.coupling, stack.context, list(kw)
+        )
         states = []
         samples = []
         for offset, block in enumerate(stack.blocks):
@@ -170,8 +171,7 @@ class ReversibleFunction(torch.autograd.Function):
 
         kw_needs = ctx.needs_input_grad[1 + 2 * n : 1 + 2 * n + n_kw]
         kw_ = [t.detach().requires_grad_() if need else t for t, need in zip(kw, kw_needs)]
-        f_kwargs, g_kwargs = stack.context.rebuild(kw_)
-        inputs = StepInputs(stack.layout, stack.namespace, stack.coupling, f_kwargs, g_kwargs)
+        inputs = StepInputs.build(stack.layout, stack.namespace, stack.coupling, stack.context, kw_)
         # gradient slots: the keyword tensors that need one, then the parameters
         sources = [*kw_, *stack.params]
         kw_slots = [k for k, need in enumerate(kw_needs) if need]

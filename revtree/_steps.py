@@ -11,45 +11,21 @@ reversed with its ``inverse`` and then run forward again with autograd on (5/3).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import optree
 import torch
 from optree import PyTreeSpec
 from torch.overrides import has_torch_function
 
 from . import _buffers, _rng, _trees
-from ._block import Block, call, combine
+from ._block import Block, StepInputs, Versions, call, check_unchanged, combine
 from ._errors import RevtreeError
-from ._layout import Layout
 from ._state import running
 from .couplings import Additive, Coupling, Elementwise
 
 Leaves = list[torch.Tensor]
-
-
-@dataclass
-class StepInputs:
-    """What every block of one call shares: layout, coupling and keyword arguments."""
-
-    layout: Layout
-    namespace: str
-    coupling: Coupling
-    f_kwargs: dict[str, Any]
-    g_kwargs: dict[str, Any]
-
-    @property
-    def update_spec(self) -> PyTreeSpec:
-        """The structure ``f`` and ``g`` return for an elementwise coupling."""
-        arity = getattr(self.coupling, "arity", 1)
-        if arity == 1:
-            return self.layout.spec
-        return optree.treespec_tuple(
-            [self.layout.spec] * arity,
-            none_is_leaf=_trees.NONE_IS_LEAF,
-            namespace=self.namespace,
-        )
 
 
 # ------------------------------------------------------------------------------------ forward
@@ -80,18 +56,13 @@ def _forward_elementwise(
     record: bool,
     devices: tuple[int, ...],
 ) -> tuple[Leaves, Leaves, Any]:
-    layout, ns, coupling, spec = (
-        inputs.layout,
-        inputs.namespace,
-        inputs.coupling,
-        inputs.update_spec,
-    )
+    layout, coupling, spec = inputs.layout, inputs.coupling, inputs.update_spec
     f_state = _rng.capture(devices) if record else None
-    fu = call(block.f, "f", index, layout, x2, inputs.f_kwargs, ns, spec)
+    fu = call(block.f, "f", index, x2, inputs, spec)
     y1 = combine(coupling, x1, fu, "f", index, layout)  # type: ignore[arg-type]
     del fu
     g_state = _rng.capture(devices) if record else None
-    gu = call(block.g, "g", index, layout, y1, inputs.g_kwargs, ns, spec)
+    gu = call(block.g, "g", index, y1, inputs, spec)
     y2 = combine(coupling, x2, gu, "g", index, layout)  # type: ignore[arg-type]
     return y1, y2, (f_state, g_state) if record else None
 
@@ -100,25 +71,72 @@ class _Bound:
     """``f`` or ``g`` with its keyword arguments bound, for a generic coupling to call.
 
     Records the generator state before each call, or replays recorded states in order.
+    Checks every call as the elementwise path does: no input leaf or keyword tensor
+    modified in place and, for a coupling whose updates are shaped like their input
+    (``Coupling.updates_like_input``), an output of that structure and those shapes.
     """
 
     def __init__(
         self,
+        which: str,
+        index: int,
         module: torch.nn.Module,
-        kwargs: dict[str, Any],
+        inputs: StepInputs,
         devices: tuple[int, ...],
         record: list | None = None,
         replay: Iterator[Any] | None = None,
     ) -> None:
-        self.module, self.kwargs, self.devices = module, kwargs, devices
-        self.record, self.replay = record, replay
+        self.which, self.index, self.module, self.inputs = which, index, module, inputs
+        self.devices, self.record, self.replay = devices, record, replay
 
     def __call__(self, tree: Any) -> Any:
         if self.record is not None:
             self.record.append(_rng.capture(self.devices))
         if self.replay is not None:
             _rng.replay_now(next(self.replay, None), self.devices)
-        return self.module(tree, **self.kwargs)
+        inputs, which, index = self.inputs, self.which, self.index
+        kwargs, keywords = inputs.keywords(which)
+        leaves, spec = _trees.flatten(tree, inputs.namespace)
+        streams, watched = Versions(leaves), Versions(keywords)
+        out = self.module(tree, **kwargs)
+        names = _names(tree, spec, inputs)
+        check_unchanged(which, index, streams, names, watched, inputs.context)
+        if inputs.coupling.updates_like_input:
+            _check_like(out, leaves, spec, names, which, index, inputs)
+        return out
+
+
+def _names(tree: Any, spec: PyTreeSpec, inputs: StepInputs) -> tuple[str, ...]:
+    """Printable key paths of the leaves of a tree ``f`` or ``g`` was given."""
+    if spec == inputs.layout.spec:
+        return inputs.layout.names
+    return tuple(_trees.flatten_with_names(tree, inputs.namespace)[1])
+
+
+def _check_like(
+    out: Any,
+    leaves: Leaves,
+    spec: PyTreeSpec,
+    names: tuple[str, ...],
+    which: str,
+    index: int,
+    inputs: StepInputs,
+) -> None:
+    """Raise unless ``out`` has the structure of the input and a tensor of its shape per leaf."""
+    out_leaves, out_spec = _trees.flatten(out, inputs.namespace)
+    if _trees.differ(out_spec, spec):
+        raise RevtreeError(
+            f"block {index}: {which} returned a pytree of structure {out_spec}, but its input "
+            f"has structure {spec}. Hint: {which} must return a pytree with the structure of "
+            "its input (same keys, same nesting, one tensor per leaf)."
+        )
+    for name, y, x in zip(names, out_leaves, leaves):
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.device != x.device:
+            raise RevtreeError(
+                f"block {index}: {which} returned {_trees.describe(y)} at {name} for an input "
+                f"leaf of {_trees.describe(x)} on {x.device}. Hint: {which} must return, for "
+                "every leaf, a tensor of its input's shape on its device."
+            )
 
 
 def _forward_generic(
@@ -133,18 +151,36 @@ def _forward_generic(
     spec = inputs.layout.spec
     f_states: list | None = [] if record else None
     g_states: list | None = [] if record else None
-    f = _Bound(block.f, inputs.f_kwargs, devices, record=f_states)
-    g = _Bound(block.g, inputs.g_kwargs, devices, record=g_states)
-    y1, y2 = inputs.coupling.forward(f, g, spec.unflatten(x1), spec.unflatten(x2))
+    f = _Bound("f", index, block.f, inputs, devices, record=f_states)
+    g = _Bound("g", index, block.g, inputs, devices, record=g_states)
+    with _coupling_errors(inputs.coupling, "forward", index):
+        y1, y2 = inputs.coupling.forward(f, g, spec.unflatten(x1), spec.unflatten(x2))
     y1, y2 = _leaves_like(y1, x1, inputs, index), _leaves_like(y2, x2, inputs, index)
     return y1, y2, (f_states, g_states) if record else None
+
+
+@contextmanager
+def _coupling_errors(coupling: Coupling, method: str, index: int) -> Iterator[None]:
+    """Name the block and the coupling in an error a generic coupling's method raises."""
+    try:
+        yield
+    except RevtreeError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as e:
+        reason = str(e).split("\n", 1)[0]
+        reason = reason if len(reason) <= 300 else reason[:300] + "..."
+        raise RevtreeError(
+            f"block {index}: {coupling!r}.{method} raised {type(e).__name__}: {reason}. Hint: "
+            "f and g must return what the coupling expects of them (for the couplings of "
+            "revtree.couplings, a pytree with the structure and shapes of their input)."
+        ) from e
 
 
 def _leaves_like(tree: Any, like: Leaves, inputs: StepInputs, index: int) -> Leaves:
     """The leaves of a coupling's output stream, checked against its input stream."""
     leaves, spec = _trees.flatten(tree, inputs.namespace)
     layout = inputs.layout
-    if spec != layout.spec:
+    if _trees.differ(spec, layout.spec):
         raise RevtreeError(
             f"block {index}: {inputs.coupling!r} returned a stream of structure {spec}, but "
             f"its input stream has structure {layout.spec}. Hint: a coupling's forward and "
@@ -274,12 +310,7 @@ def _reverse_elementwise(
     states: Any,
     devices: tuple[int, ...],
 ) -> Reversed:
-    layout, ns, coupling, spec = (
-        inputs.layout,
-        inputs.namespace,
-        inputs.coupling,
-        inputs.update_spec,
-    )
+    coupling, spec = inputs.coupling, inputs.update_spec
     assert isinstance(coupling, Elementwise)
     # x + u passes gradients through unchanged (unless a subclass redefines combine)
     additive = isinstance(coupling, Additive) and type(coupling).combine is Additive.combine
@@ -289,7 +320,7 @@ def _reverse_elementwise(
     # g: rebuild x2 = uncombine(y2, g(y1)); gradients for y1, x2 and g's sources
     y1_ = _leaves_requiring_grad(y1)
     with _rng.replayed(g_state, devices), torch.enable_grad():
-        gu = call(block.g, "g", index, layout, y1_, inputs.g_kwargs, ns, spec)
+        gu = call(block.g, "g", index, y1_, inputs, spec)
     with torch.no_grad():
         x2 = coupling.uncombine_leaves(y2, gu)
     if additive:
@@ -306,7 +337,7 @@ def _reverse_elementwise(
     # f: rebuild x1 = uncombine(y1, f(x2)); gradients for x1, x2 and f's sources
     x2r = _leaves_requiring_grad(x2)
     with _rng.replayed(f_state, devices), torch.enable_grad():
-        fu = call(block.f, "f", index, layout, x2r, inputs.f_kwargs, ns, spec)
+        fu = call(block.f, "f", index, x2r, inputs, spec)
     with torch.no_grad():
         x1 = coupling.uncombine_leaves(y1, fu)
     if additive:
@@ -336,16 +367,17 @@ def _reverse_generic(
     spec, coupling = inputs.layout.spec, inputs.coupling
     f_states, g_states = states if states is not None else ([], [])
     n = len(y1)
-    with torch.no_grad():  # inverse calls f and g in the reverse order of forward
-        f = _Bound(block.f, inputs.f_kwargs, devices, replay=reversed(f_states))
-        g = _Bound(block.g, inputs.g_kwargs, devices, replay=reversed(g_states))
+    with torch.no_grad(), _coupling_errors(coupling, "inverse", index):
+        # inverse calls f and g in the reverse order of forward
+        f = _Bound("f", index, block.f, inputs, devices, replay=reversed(f_states))
+        g = _Bound("g", index, block.g, inputs, devices, replay=reversed(g_states))
         x1, x2 = coupling.inverse(f, g, spec.unflatten(y1), spec.unflatten(y2))
     x1 = _leaves_like(x1, y1, inputs, index)
     x2 = _leaves_like(x2, y2, inputs, index)
     x1_, x2_ = _leaves_requiring_grad(x1), _leaves_requiring_grad(x2)
     with torch.enable_grad():
-        f = _Bound(block.f, inputs.f_kwargs, devices, replay=iter(f_states))
-        g = _Bound(block.g, inputs.g_kwargs, devices, replay=iter(g_states))
+        f = _Bound("f", index, block.f, inputs, devices, replay=iter(f_states))
+        g = _Bound("g", index, block.g, inputs, devices, replay=iter(g_states))
         r1, r2 = coupling.forward(f, g, spec.unflatten(x1_), spec.unflatten(x2_))
     outputs = _trees.flatten(r1, inputs.namespace)[0] + _trees.flatten(r2, inputs.namespace)[0]
     grads = vjp(outputs, [*dy1, *dy2], [*x1_, *x2_, *sources])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import optree
+import torch
 from optree import PyTreeSpec
 
 from ._errors import RevtreeError
@@ -46,6 +47,15 @@ def broadcast_prefix(prefix: Any, tree: Any, namespace: str, what: str) -> list[
             f"Hint: give one {what} for the whole input, or a tree whose nodes match the "
             f"input's from the root down, with a {what} where a whole subtree shares one."
         ) from None
+
+
+def differ(spec: PyTreeSpec, expected: PyTreeSpec) -> bool:
+    """Whether two structures differ; never while ``torch.compile`` traces.
+
+    Dynamo replaces optree with its own pytree code while it traces, and its structures do
+    not compare equal to optree's: the check runs in eager mode only.
+    """
+    return not torch.compiler.is_compiling() and spec != expected
 
 
 def describe(leaf: Any) -> str:

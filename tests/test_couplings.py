@@ -187,6 +187,71 @@ def test_compare_gradients_helper_passes_on_every_coupling(name):
     assert all(p.grad is None for p in seq.parameters())
 
 
+class Stateful(nn.Module):
+    """Batch norm with running statistics, dropout, and a call counter replaced by assignment."""
+
+    def __init__(self, width, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.lin = nn.Linear(width, width, bias=False, dtype=torch.float64)  # BN cancels a bias
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(width, width, generator=g, dtype=torch.float64))
+        self.bn = nn.BatchNorm1d(width, dtype=torch.float64)
+        self.dropout = nn.Dropout(0.2)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        return self.dropout(torch.tanh(self.bn(self.lin(x))))
+
+
+def _run_helper(helper, seq, x):
+    if helper == "compare_gradients":
+        assert compare_gradients(seq, x).worst < 1e-10
+    else:
+        assert max(d.accumulated for d in reconstruction_errors(seq, x)) < 1e-10
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("a testing helper reseeded a global generator")
+
+
+@pytest.mark.parametrize("preset_grads", [False, True])
+@pytest.mark.parametrize("name", ["additive", "momentum"])
+@pytest.mark.parametrize("helper", ["compare_gradients", "reconstruction_errors"])
+def test_helpers_leave_the_model_and_the_generators_as_they_were(
+    helper, name, preset_grads, monkeypatch
+):
+    width = 8 if name == "momentum" else 4
+    codec = ZeroVelocity() if name == "momentum" else Split(-1)
+    blocks = [(Stateful(width, 2 * i), Stateful(width, 2 * i + 1)) for i in range(3)]
+    seq = revtree.ReversibleSequence(blocks, codec=codec, coupling=COUPLINGS[name])
+    x = t(16, 8)
+    seq(x).sum().backward()  # running statistics away from their initial values
+    if not preset_grads:
+        seq.zero_grad(set_to_none=True)
+    grads = {n: p.grad for n, p in seq.named_parameters()}
+    grad_values = {n: None if g is None else g.clone() for n, g in grads.items()}
+    params = {n: (p, p.detach().clone()) for n, p in seq.named_parameters()}
+    buffers = {n: (b, b.clone()) for n, b in seq.named_buffers()}
+    rng = torch.get_rng_state()
+    for module, fn in [(torch, "manual_seed"), (torch.random, "manual_seed")]:
+        monkeypatch.setattr(module, fn, _never)
+    for fn in ["manual_seed", "manual_seed_all", "seed", "seed_all"]:
+        monkeypatch.setattr(torch.cuda, fn, _never)
+
+    _run_helper(helper, seq, x)
+
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert dict(seq.named_buffers()).keys() == buffers.keys()
+    for n, b in seq.named_buffers():
+        assert b is buffers[n][0] and torch.equal(b, buffers[n][1]), n
+    for n, p in seq.named_parameters():
+        assert p is params[n][0] and torch.equal(p, params[n][1]), n
+        assert p.grad is grads[n], n
+        assert p.grad is None or torch.equal(p.grad, grad_values[n]), n
+
+
 class Leaky(Additive):
     """A deliberately wrong coupling: its inverse is off by a little."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optree
 import pytest
 import torch
 from helpers import TreeMixer, make_blocks, t
@@ -9,6 +10,7 @@ from torch import nn
 
 import revtree
 from revtree.codecs import Duplicate, Split
+from revtree.couplings import Additive, Coupling, Momentum
 
 
 class Returns(nn.Module):
@@ -19,21 +21,22 @@ class Returns(nn.Module):
         self.fn = fn
         self.w = nn.Parameter(torch.ones((), dtype=torch.float64))
 
-    def forward(self, x):
-        return self.fn(x, self.w)
+    def forward(self, x, **kwargs):
+        return self.fn(x, self.w, **kwargs)
 
 
 def _ok():
-    return Returns(lambda x, w: {k: v * w for k, v in x.items()})
+    return Returns(lambda x, w, **kwargs: {k: v * w for k, v in x.items()})
 
 
 def _raises(match, seq, x, **kwargs):
-    before = {k: (v.clone(), v._version) for k, v in x.items()}
+    tensors = [v for v in optree.tree_leaves((x, kwargs)) if isinstance(v, torch.Tensor)]
+    before = [(v.clone(), v._version) for v in tensors]
     rng = torch.get_rng_state()
     with pytest.raises(revtree.RevtreeError, match=match):
         seq(x, **kwargs)
-    for k, v in x.items():  # nothing of the caller's is changed
-        assert torch.equal(v, before[k][0]) and v._version == before[k][1] and v.grad is None
+    for v, (value, version) in zip(tensors, before):  # nothing of the caller's is changed
+        assert torch.equal(v, value) and v._version == version and v.grad is None
     assert torch.equal(torch.get_rng_state(), rng)
 
 
@@ -83,14 +86,14 @@ def test_codec_tree_with_a_non_codec():
 
 def test_non_tensor_leaf_in_the_input():
     seq = revtree.ReversibleSequence([(_ok(), _ok())])
-    with pytest.raises(revtree.RevtreeError, match=r"input leaf x\['n'\] is a int.*keyword"):
-        seq({"a": t(2, 4), "n": 3})
+    _raises(r"input leaf x\['n'\] is a int.*keyword", seq, {"a": t(2, 4), "n": 3})
+    _raises(r"input leaf x\['n'\] is a str", seq, {"a": t(2, 4), "n": "3"})
 
 
 def test_integer_leaf_in_the_input():
     seq = revtree.ReversibleSequence([(_ok(), _ok())])
-    with pytest.raises(revtree.RevtreeError, match=r"x\['i'\] is shape \(2, 4\) torch.int64"):
-        seq({"a": t(2, 4), "i": torch.zeros(2, 4, dtype=torch.long)})
+    x = {"a": t(2, 4), "i": torch.zeros(2, 4, dtype=torch.long)}
+    _raises(r"x\['i'\] is shape \(2, 4\) torch.int64", seq, x)
 
 
 def test_block_that_is_not_a_pair():
@@ -156,6 +159,76 @@ def test_first_f_modifying_the_callers_input_in_place_leaves_it_intact():
 
 
 def test_f_returning_another_device():
-    bad = Returns(lambda x, w: {"a": torch.zeros(x["a"].shape, device="meta")})
-    seq = revtree.ReversibleSequence([(bad, _ok())])
-    _raises(r"block 0: f returned shape \(2, 2\) torch.float32 on meta", seq, {"a": t(2, 4)})
+    def meta(x, w):
+        return {"a": torch.zeros(x["a"].shape, device="meta", dtype=x["a"].dtype)}
+
+    seq = revtree.ReversibleSequence([(Returns(meta), _ok())])
+    _raises(r"block 0: f returned shape \(2, 2\) torch.float64 on meta", seq, {"a": t(2, 4)})
+
+
+@pytest.mark.parametrize("coupling", [Additive(), Momentum()], ids=repr)
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_f_modifies_a_keyword_tensor_in_place(coupling, needs_grad):
+    def inplace(x, w, ctx):
+        ctx.mul_(1.5)
+        return {"a": x["a"] * w + ctx.sum()}
+
+    seq = revtree.ReversibleSequence([(_ok(), _ok()), (Returns(inplace), _ok())], coupling=coupling)
+    ctx = t(3) * 1.0 if needs_grad else torch.ones(3, dtype=torch.float64)
+    with pytest.raises(
+        revtree.RevtreeError,
+        match=r"block 1: f modified the keyword tensor "
+        r"kwargs\['ctx'\] \(shape \(3,\) torch.float64\) in place.*Hint",
+    ):
+        seq({"a": t(2, 4)}, ctx=ctx)
+
+
+# Momentum stands for every coupling written as a forward and an inverse over pytrees
+# (the generic path): the same catalogue of errors holds there.
+
+
+def test_generic_coupling_f_returns_another_structure():
+    bad = Returns(lambda x, w: {"other": x["a"] * w})
+    seq = revtree.ReversibleSequence([(_ok(), _ok()), (bad, _ok())], coupling=Momentum())
+    _raises(r"block 1: f returned a pytree of structure .*'other'.*Hint", seq, {"a": t(2, 4)})
+
+
+def test_generic_coupling_g_returns_a_wrong_shape():
+    bad = Returns(lambda x, w: {"a": x["a"].sum(-1) * w})
+    seq = revtree.ReversibleSequence([(_ok(), bad)], coupling=Momentum())
+    _raises(
+        r"block 0: g returned shape \(3,\).*at x\['a'\].*shape \(3, 2\).*Hint", seq, {"a": t(3, 4)}
+    )
+
+
+def test_generic_coupling_f_returns_a_float():
+    bad = Returns(lambda x, w: {"a": 1.0})
+    seq = revtree.ReversibleSequence([(bad, _ok())], coupling=Momentum())
+    _raises(r"block 0: f returned a float at x\['a'\]", seq, {"a": t(2, 4)})
+
+
+def test_generic_coupling_f_modifies_its_input_in_place():
+    def inplace(x, w):
+        x["a"].mul_(2)
+        return {"a": x["a"] * w}
+
+    seq = revtree.ReversibleSequence(
+        [(_ok(), _ok()), (Returns(inplace), _ok())], coupling=Momentum()
+    )
+    _raises(r"block 1: f modified its input leaf x\['a'\]", seq, {"a": t(2, 4)})
+
+
+class Broken(Coupling):
+    """A user's coupling whose forward fails on what f returns."""
+
+    def forward(self, f, g, x1, x2):
+        return optree.tree_map(torch.add, x1, f(x2)), x2
+
+    def inverse(self, f, g, y1, y2):
+        return optree.tree_map(torch.sub, y1, f(y2)), y2
+
+
+def test_user_coupling_error_names_the_block_and_coupling():
+    bad = Returns(lambda x, w: [x["a"] * w])
+    seq = revtree.ReversibleSequence([(_ok(), _ok()), (bad, _ok())], coupling=Broken())
+    _raises(r"block 1: .*Broken.*\.forward raised ValueError.*Hint", seq, {"a": t(2, 4)})

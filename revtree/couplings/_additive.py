@@ -30,19 +30,21 @@ class Additive(Elementwise):
         return y - update[0]
 
     # One dispatch for a whole half-stream instead of one per leaf: on trees of many small
-    # leaves the per-op overhead, not the arithmetic, is the cost. A subclass that redefines
+    # leaves the per-op overhead, not the arithmetic, is the cost. Only without autograd
+    # (the reversible forward and backward run so): with it, the foreach ops save their
+    # inputs for backward where a plain add saves nothing. A subclass that redefines
     # combine or uncombine gets the leaf-by-leaf loop, which calls its own.
     def combine_leaves(  # noqa: D102
         self, x: list[torch.Tensor], update: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        if type(self).combine is not Additive.combine:
+        if torch.is_grad_enabled() or type(self).combine is not Additive.combine:
             return super().combine_leaves(x, update)
         return list(torch._foreach_add(x, update))
 
     def uncombine_leaves(  # noqa: D102
         self, y: list[torch.Tensor], update: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        if type(self).uncombine is not Additive.uncombine:
+        if torch.is_grad_enabled() or type(self).uncombine is not Additive.uncombine:
             return super().uncombine_leaves(y, update)
         return list(torch._foreach_sub(y, update))
 

@@ -47,6 +47,10 @@ class Coupling(abc.ABC):
         True
     """
 
+    updates_like_input: ClassVar[bool] = False
+    """Whether ``f`` and ``g`` return pytrees shaped like their input: the engine then checks
+    every call, and names the leaf of a wrong structure or shape."""
+
     @abc.abstractmethod
     def forward(self, f: Fn, g: Fn, x1: Tree, x2: Tree) -> tuple[Tree, Tree]:
         """Map the input half-streams to the output half-streams."""

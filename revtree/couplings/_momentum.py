@@ -31,6 +31,8 @@ class Momentum(Coupling):
         True
     """
 
+    updates_like_input = True
+
     def __init__(self, gamma: float = 0.9) -> None:
         if not 0 < gamma <= 1:
             raise ValueError(f"Momentum(gamma={gamma}): gamma must lie in (0, 1]")

@@ -9,15 +9,22 @@ import torch
 
 from .. import _trees
 from .._context import Context
+from .._drift import relative_errors
 from .._sequence import ReversibleSequence
 from .._state import running
 from .._steps import StepInputs, _Bound, forward_step
 from ..couplings import Elementwise
+from ._gradients import isolated, kept_buffers, rng_devices
 
 
 @dataclass(frozen=True)
 class BlockDrift:
     """The reconstruction error of one block, relative to the size of its input.
+
+    Each stream leaf's largest error is divided by the largest entry of the input leaf
+    it comes from (the larger of its two streams), so that a stream which is exactly zero,
+    like the starting velocity of [`ZeroVelocity`][revtree.codecs.ZeroVelocity], is
+    measured against its partner; the worst leaf gives the block's error.
 
     Attributes:
         index: The block's index.
@@ -36,13 +43,8 @@ class BlockDrift:
     accumulated: float
 
 
-def _error(rebuilt: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
-    worst = 0.0
-    for a, b in zip(rebuilt, exact):
-        scale = max(b.abs().max().item(), 1e-30) if b.numel() else 1.0
-        diff = (a - b).abs().max().item() if b.numel() else 0.0
-        worst = max(worst, diff / scale)
-    return worst
+def _error(rebuilt: tuple[list, list], exact: tuple[list, list]) -> float:
+    return max(relative_errors([*rebuilt[0], *rebuilt[1]], [*exact[0], *exact[1]]), default=0.0)
 
 
 def reconstruction_errors(seq: ReversibleSequence, x: Any, /, **kwargs: Any) -> list[BlockDrift]:
@@ -53,7 +55,9 @@ def reconstruction_errors(seq: ReversibleSequence, x: Any, /, **kwargs: Any) -> 
     them as backward would, with the forward's random states replayed. A block whose
     ``local`` error is large is ill-conditioned (e.g. a near-zero affine scale, a momentum
     ``gamma`` far below 1); a steadily growing ``accumulated`` error warns of drift at depth
-    before training diverges. The caller's random generator is left as it was.
+    before training diverges. Each block is rebuilt from the buffers the forward left, as
+    in backward. The model's buffers (batch norm statistics) and the CPU and CUDA random
+    generators end as they were.
 
     Args:
         seq: The sequence.
@@ -75,14 +79,16 @@ def reconstruction_errors(seq: ReversibleSequence, x: Any, /, **kwargs: Any) -> 
     """
     layout = seq._layout(x)
     context = Context.build(kwargs, seq.route, seq.namespace)
-    f_kwargs, g_kwargs = context.rebuild(context.tensors)
-    inputs = StepInputs(layout, seq.namespace, seq.coupling, f_kwargs, g_kwargs)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    inputs = StepInputs.build(layout, seq.namespace, seq.coupling, context, context.tensors)
+    devices = rng_devices()
+    with torch.no_grad(), isolated(seq, devices):
         x1, x2 = layout.encode(_trees.flatten(x, seq.namespace)[0])
         stored, states = [], []
         for index, block in enumerate(seq.blocks):
             stored.append((x1, x2))
-            x1, x2, block_states = forward_step(block, index, x1, x2, inputs, record=True)
+            x1, x2, block_states = forward_step(
+                block, index, x1, x2, inputs, record=True, devices=devices
+            )
             states.append(block_states)
         outputs = [None] * len(seq.blocks)
         for index in range(len(seq.blocks)):
@@ -91,29 +97,31 @@ def reconstruction_errors(seq: ReversibleSequence, x: Any, /, **kwargs: Any) -> 
         drift = []
         y1, y2 = x1, x2
         for index in reversed(range(len(seq.blocks))):
-            exact = stored[index]
-            local = _invert(seq, index, *outputs[index], inputs, states[index])
-            y1, y2 = _invert(seq, index, y1, y2, inputs, states[index])
-            drift.append(
-                BlockDrift(
-                    index,
-                    _error([*local[0], *local[1]], [*exact[0], *exact[1]]),
-                    _error([*y1, *y2], [*exact[0], *exact[1]]),
-                )
-            )
+            block, exact = seq.blocks[index], stored[index]
+            with kept_buffers(block):
+                local = _invert(seq, index, *outputs[index], inputs, states[index], devices)
+            with kept_buffers(block):
+                y1, y2 = _invert(seq, index, y1, y2, inputs, states[index], devices)
+            drift.append(BlockDrift(index, _error(local, exact), _error((y1, y2), exact)))
     return drift[::-1]
 
 
 def _invert(
-    seq: ReversibleSequence, index: int, y1: list, y2: list, inputs: StepInputs, states: Any
+    seq: ReversibleSequence,
+    index: int,
+    y1: list,
+    y2: list,
+    inputs: StepInputs,
+    states: Any,
+    devices: tuple[int, ...],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     block, spec = seq.blocks[index], inputs.layout.spec
     if isinstance(seq.coupling, Elementwise):
         f_states, g_states = [states[0]], [states[1]]
     else:
         f_states, g_states = states
-    f = _Bound(block.f, inputs.f_kwargs, (), replay=reversed(f_states))
-    g = _Bound(block.g, inputs.g_kwargs, (), replay=reversed(g_states))
+    f = _Bound("f", index, block.f, inputs, devices, replay=reversed(f_states))
+    g = _Bound("g", index, block.g, inputs, devices, replay=reversed(g_states))
     with running(index, recomputing=True):
         t1, t2 = seq.coupling.inverse(f, g, spec.unflatten(y1), spec.unflatten(y2))
     return _trees.flatten(t1, seq.namespace)[0], _trees.flatten(t2, seq.namespace)[0]
