@@ -6,6 +6,7 @@ Activation memory flat in depth, gradients exactly those of plain autograd.
 from . import codecs as codecs
 from . import couplings as couplings
 from ._block import Block as Block
+from ._budget import MemoryPlan as MemoryPlan
 from ._errors import RevtreeError as RevtreeError
 from ._errors import RevtreeWarning as RevtreeWarning
 from ._sequence import ReversibleSequence as ReversibleSequence
@@ -14,6 +15,7 @@ from ._state import is_recomputing as is_recomputing
 
 __all__ = [
     "Block",
+    "MemoryPlan",
     "ReversibleSequence",
     "RevtreeError",
     "RevtreeWarning",

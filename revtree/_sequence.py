@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import groupby
+from dataclasses import dataclass
+from itertools import chain, groupby
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from . import _trees
 from ._block import Block, as_block
+from ._budget import MemoryPlan, choose, measure
 from ._context import Context, Route
 from ._errors import RevtreeError
 from ._function import Stack
@@ -55,6 +57,12 @@ class ReversibleSequence(nn.Module):
         check_drift: If set, a relative error: backward compares each block's rebuilt
             inputs with a small sample kept from the forward pass and warns
             ([`RevtreeWarning`][revtree.RevtreeWarning]), naming the block, past it.
+        memory_budget: Bytes of activations the stack may store beyond what the fully
+            reversible stack holds. ``0`` (the default) recomputes every block;
+            ``float("inf")`` stores every block's activations, like plain autograd; in
+            between, the blocks that save the most recomputation per byte store theirs
+            (measured on the first call for each input shape: see
+            [`plan`][revtree.ReversibleSequence.plan]). Gradients are the same either way.
         namespace: The optree namespace of custom pytree nodes in the input.
 
     Example:
@@ -91,10 +99,12 @@ class ReversibleSequence(nn.Module):
         route: Route = "f",
         preserve_rng_state: bool = True,
         check_drift: float | None = None,
+        memory_budget: float = 0,
         namespace: str = "",
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList([as_block(i, b) for i, b in enumerate(blocks)])
+        self._layouts: dict[PyTreeSpec, Layout] = {}
         self.codec = codec
         if not isinstance(coupling, Coupling):
             raise RevtreeError(
@@ -106,8 +116,35 @@ class ReversibleSequence(nn.Module):
         self.route = route
         self.preserve_rng_state = preserve_rng_state
         self.check_drift = check_drift
+        if not memory_budget >= 0:
+            raise RevtreeError(
+                f"memory_budget={memory_budget!r} is not a number of bytes >= 0. Hint: 0 "
+                "recomputes every block, float('inf') stores every block's activations."
+            )
+        self.memory_budget = memory_budget
+        self._plans: dict[tuple, MemoryPlan] = {}
+        self._measured: dict[tuple, tuple[list[int], list[float]]] = {}
         self.namespace = namespace
-        self._layouts: dict[PyTreeSpec, Layout] = {}
+
+    @property
+    def codec(self) -> Codec | Any:
+        """The leaf codec, or prefix tree of codecs; setting it applies from the next call."""
+        return self._codec
+
+    @codec.setter
+    def codec(self, value: Codec | Any) -> None:
+        self._codec = value
+        self._layouts.clear()  # layouts are built from the codec, per input structure
+
+    @property
+    def namespace(self) -> str:
+        """The optree namespace of custom pytree nodes in the input."""
+        return self._namespace
+
+    @namespace.setter
+    def namespace(self, value: str) -> None:
+        self._namespace = value
+        self._layouts.clear()
 
     @property
     def reversible(self) -> tuple[bool, ...]:
@@ -196,14 +233,84 @@ class ReversibleSequence(nn.Module):
         x1, x2 = _trees.flatten(t1, self.namespace)[0], _trees.flatten(t2, self.namespace)[0]
         return layout.decode(x1, x2)
 
+    def plan(self, x: Any, /, **kwargs: Any) -> MemoryPlan:
+        """The memory plan for an input like ``x``: which blocks store, and what they cost.
+
+        Made (and kept) on the first training call for each input signature when
+        ``memory_budget`` lies strictly between 0 and infinity; calling ``plan`` makes it
+        for any budget, e.g. to choose one. Measuring runs every block once with autograd
+        on and keeps nothing (the random generators and the modules' buffers are put back).
+
+        Args:
+            x: An input of the shapes the plan is for.
+            **kwargs: The keyword arguments of such a call.
+
+        Returns:
+            The [`MemoryPlan`][revtree.MemoryPlan].
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> import revtree
+            >>> blocks = [(nn.Linear(32, 32), nn.Linear(32, 32)) for _ in range(6)]
+            >>> seq = revtree.ReversibleSequence(blocks, memory_budget=40_000)
+            >>> plan = seq.plan(torch.randn(64, 64))
+            >>> sum(plan.stored), plan.used_bytes <= 40_000
+            (2, True)
+        """
+        streams = self._streams(x, kwargs, self.route)
+        return self._plan(streams)
+
+    def _plan(self, streams: _Streams) -> MemoryPlan:
+        x1, x2, context = streams.x1, streams.x2, streams.inputs.context
+        assert context is not None
+        signature = (
+            streams.inputs.layout.spec,
+            self.training,
+            tuple((t.shape, t.dtype, t.device) for t in chain(x1, x2)),
+            tuple((t.shape, t.dtype) for t in context.tensors),
+        )
+        fixed = tuple(not r for r in self._reversible)
+        key = (signature, self.memory_budget, fixed)
+        plan = self._plans.get(key)
+        if plan is None:
+            measured = self._measured.get(signature)
+            if measured is None:
+                held = [*self.parameters(), *self.buffers(), *context.tensors, *streams.leaves]
+                buffered = [m for m in self.modules() if m._buffers]
+                measured = measure(self.blocks, x1, x2, streams.inputs, held, buffered)
+                _remember(self._measured, signature, measured)
+            sizes, seconds = measured
+            stream_bytes = sum(t.numel() * t.element_size() for t in chain(x1, x2))
+            stored = choose(sizes, seconds, stream_bytes, self.memory_budget, fixed)
+            plan = MemoryPlan(
+                self.memory_budget, stream_bytes, tuple(sizes), tuple(seconds), stored
+            )
+            _remember(self._plans, key, plan)
+        return plan
+
+    def _streams(
+        self, x: Any, kwargs: dict[str, Any], route: Route | tuple[bool, bool]
+    ) -> _Streams:
+        """Flatten and encode ``x`` and the keyword arguments of one call."""
+        layout = self._layout(x)
+        leaves, _ = _trees.flatten(x, self.namespace)
+        x1, x2 = layout.encode(leaves)
+        context = Context.build(kwargs, route, self.namespace)
+        inputs = StepInputs.build(layout, self.namespace, self.coupling, context, context.tensors)
+        # f (and a generic coupling) must not see the caller's storage: were it to modify
+        # its input in place, the error raised would come too late for the caller's tensors
+        x2 = [t.clone() for t in x2]
+        if not isinstance(self.coupling, Elementwise):
+            x1 = [t.clone() for t in x1]
+        return _Streams(leaves, x1, x2, inputs)
+
     def _layout(self, x: Any) -> Layout:
         spec = optree_structure(x, self.namespace)
         layout = self._layouts.get(spec)
         if layout is None:
             layout = Layout.build(x, self.codec, self.namespace)
-            if len(self._layouts) >= _LAYOUT_CACHE_SIZE:
-                self._layouts.clear()
-            self._layouts[spec] = layout
+            _remember(self._layouts, spec, layout)
         return layout
 
     def _run(
@@ -214,21 +321,21 @@ class ReversibleSequence(nn.Module):
         indices: Sequence[int] | None = None,
     ) -> Any:
         """Run the blocks ``indices`` (all, by default) in order; adapters call this directly."""
-        layout = self._layout(x)
-        leaves, _ = _trees.flatten(x, self.namespace)
-        x1, x2 = layout.encode(leaves)
-        if not leaves:
+        streams = self._streams(x, kwargs, route)
+        x1, x2, inputs = streams.x1, streams.x2, streams.inputs
+        layout, context = inputs.layout, inputs.context
+        assert context is not None
+        if not streams.leaves:
             return layout.decode(x1, x2)
-        context = Context.build(kwargs, route, self.namespace)
-        f_kwargs, g_kwargs = context.rebuild(context.tensors)
-        inputs = StepInputs(layout, self.namespace, self.coupling, f_kwargs, g_kwargs)
         indices = range(len(self.blocks)) if indices is None else indices
-        # f (and a generic coupling) must not see the caller's storage: were it to modify
-        # its input in place, the error raised would come too late for the caller's tensors
-        x2 = [t.clone() for t in x2]
-        if not isinstance(self.coupling, Elementwise):
-            x1 = [t.clone() for t in x1]
-        for reversible, group in groupby(indices, key=self._reversible.__getitem__):
+        flags = self._reversible
+        if self.memory_budget and torch.is_grad_enabled():
+            if self.memory_budget == float("inf"):
+                flags = (False,) * len(flags)
+            else:
+                stored = self._plan(streams).stored
+                flags = tuple(r and not s for r, s in zip(flags, stored))
+        for reversible, group in groupby(indices, key=flags.__getitem__):
             run = list(group)
             blocks = [self.blocks[i] for i in run]
             stack = None
@@ -249,6 +356,23 @@ class ReversibleSequence(nn.Module):
                 for index, block in zip(run, blocks):
                     x1, x2, _ = forward_step(block, index, x1, x2, inputs)
         return layout.decode(x1, x2)
+
+
+@dataclass
+class _Streams:
+    """One call's input leaves, its two encoded half-streams, and what the blocks share."""
+
+    leaves: list[Any]
+    x1: list[torch.Tensor]
+    x2: list[torch.Tensor]
+    inputs: StepInputs
+
+
+def _remember(cache: dict, key: Any, value: Any) -> None:
+    """Keep ``value`` under ``key``, forgetting everything once the cache is full."""
+    if len(cache) >= _LAYOUT_CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
 
 
 def optree_structure(x: Any, namespace: str) -> PyTreeSpec:

@@ -289,6 +289,38 @@ def test_autocast_gradients_match_plain_under_the_same_autocast():
         assert (a - b).norm() <= 1e-4 * b.norm()
 
 
+def test_autocast_gradients_at_depth_stay_within_bfloat16s_own_sensitivity():
+    """At scale, rebuilding a stream rounds differently in its last float32 bit now and then,
+    and a bfloat16 cast downstream can turn that into one bfloat16 step: plain autograd moves
+    as much when its input moves by one float32 ulp. The reversible gradients stay within it.
+    """
+    torch.manual_seed(0)
+    width = 128
+
+    def mlp():
+        return nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
+
+    blocks = [(mlp(), mlp()) for _ in range(16)]
+    x = torch.randn(64, 2 * width, requires_grad=True)
+    one_ulp = torch.nextafter(x.detach(), torch.full_like(x, float("inf"))) - x.detach()
+
+    def grads(reversible, shift=0.0):
+        seq = revtree.ReversibleSequence(blocks, reversible=reversible)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = seq(x + shift)
+        return torch.autograd.grad(y.pow(2).sum(), [x, *seq.parameters()])
+
+    def worst(a, b):
+        return max(((p - q).norm() / q.norm()).item() for p, q in zip(a, b))
+
+    plain = grads(False)
+    sensitivity = worst(grads(False, one_ulp), plain)
+    assert sensitivity > 1e-4  # the regime where exact agreement is not to be had
+    assert worst(grads(True), plain) <= sensitivity
+
+
 def test_empty_tree_and_no_blocks():
     seq = revtree.ReversibleSequence([])
     x = t(2, 4)
@@ -356,3 +388,67 @@ def test_batchnorm_running_statistics_updated_once_per_step():
         torch.testing.assert_close(stats[True][key], value, rtol=0, atol=1e-12, msg=key)
     assert stats[True]["blocks.0.f.norm.num_batches_tracked"].item() == 3
     assert_trees_close(grads[True], grads[False])
+
+
+class Counting(nn.Module):
+    """Running state updated by assignment: a call counter and an average of its input."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.lin = nn.Linear(width, width, dtype=torch.float64)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(width, dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        self.mean = 0.9 * self.mean + 0.1 * x.detach().mean(0)
+        return torch.tanh(self.lin(x))
+
+
+def test_buffers_updated_by_assignment_are_updated_once_per_step():
+    states = {}
+    for reversible in (True, False):
+        torch.manual_seed(0)
+        seq = revtree.ReversibleSequence(
+            [(Counting(4), Counting(4)) for _ in range(2)], reversible=reversible
+        )
+        for _ in range(3):
+            seq(t(5, 8)).pow(2).sum().backward()
+        states[reversible] = seq.state_dict()
+    assert states[True]["blocks.1.g.calls"].item() == 3
+    for key, value in states[False].items():
+        torch.testing.assert_close(states[True][key], value, rtol=0, atol=1e-12, msg=key)
+
+
+def test_a_new_codec_applies_from_the_next_call():
+    blocks = make_blocks([2], 2)
+    seq = revtree.ReversibleSequence(blocks, codec=Split(-1))
+    x = t(3, 4)
+    seq(x)
+    seq.codec = Duplicate()
+    with pytest.raises(RuntimeError):  # the blocks take 2 channels, Duplicate gives them 4
+        seq(x)
+    seq.codec = Split(-1)
+    assert_trees_close(seq(x), reference(x, blocks, [Split(-1)]))
+
+
+def test_broadcast_update_is_accepted_as_plain_autograd_accepts_it():
+    """f may return an update that broadcasts to its stream (here one value per row)."""
+
+    class RowUpdate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1, dtype=torch.float64)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x))  # (rows, 1) for a (rows, 2) stream
+
+    torch.manual_seed(0)
+    blocks = [(RowUpdate(), RowUpdate()) for _ in range(3)]
+    x = t(5, 4)
+    grads = {}
+    for reversible in (True, False):
+        seq = revtree.ReversibleSequence(blocks, reversible=reversible)
+        y = seq(x)
+        grads[reversible] = torch.autograd.grad(y.pow(2).sum(), [x, *seq.parameters()])
+    assert_trees_close(list(grads[True]), list(grads[False]))

@@ -1,0 +1,190 @@
+"""The memory budget: which blocks store their activations, and which are recomputed.
+
+A reversible block saves memory and pays for it with a recomputation; a block that stores
+its activations, as in plain autograd, pays in memory instead. Given a budget of bytes, the
+plan stores the blocks that save the most recomputation per byte, as long as what they
+store fits. A block's activations are measured by running it once with autograd on and a
+saved-tensors hook that counts the bytes autograd would keep (parameters, buffers and the
+keyword tensors, which live anyway, not counted), and its recomputation is the time that
+run takes. The plan is made on the first call for each input signature (leaf shapes and
+dtypes, keyword tensor shapes) and kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import chain, groupby
+from typing import Any
+
+import torch
+
+from . import _buffers, _rng
+from ._block import Block, StepInputs
+from ._steps import forward_step
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Which blocks store their activations under a memory budget, and why.
+
+    The bytes count what a training step holds between forward and backward beyond the
+    fully reversible stack, which holds the output streams of each run of reversible
+    blocks (``stream_bytes`` a run).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import revtree
+        >>> blocks = [(nn.Linear(4, 4), nn.Linear(4, 4)) for _ in range(4)]
+        >>> seq = revtree.ReversibleSequence(blocks, memory_budget=2**20)
+        >>> plan = seq.plan(torch.randn(16, 8, requires_grad=True))
+        >>> plan.stored
+        (True, True, True, True)
+        >>> plan.used_bytes <= plan.budget
+        True
+    """
+
+    budget: float
+    """The budget in bytes (``memory_budget``)."""
+    stream_bytes: int
+    """The bytes of both half-streams: what each run of reversible blocks saves."""
+    activation_bytes: tuple[int, ...]
+    """For each block, the bytes of activations plain autograd would store for it."""
+    recompute_seconds: tuple[float, ...]
+    """For each block, the time of one forward pass (what its recomputation costs)."""
+    stored: tuple[bool, ...]
+    """For each block, whether it stores its activations (``False``: recomputed)."""
+
+    @property
+    def used_bytes(self) -> int:
+        """The bytes the stored blocks hold beyond the fully reversible stack."""
+        return _cost(self.stored, self.activation_bytes, self.stream_bytes)
+
+    def __str__(self) -> str:
+        rows = [f"{'block':>5}  {'activations':>12}  {'forward':>9}  choice"]
+        for i, (size, seconds, stored) in enumerate(
+            zip(self.activation_bytes, self.recompute_seconds, self.stored)
+        ):
+            choice = "store" if stored else "recompute"
+            rows.append(f"{i:>5}  {_mb(size):>12}  {seconds * 1e3:>7.2f}ms  {choice}")
+        rows.append(
+            f"used {_mb(self.used_bytes)} of a budget of {_mb(self.budget)} "
+            f"(beyond the reversible stack's {_mb(self.stream_bytes)} per run of blocks)"
+        )
+        return "\n".join(rows)
+
+
+def _mb(size: float) -> str:
+    return "unlimited" if size == float("inf") else f"{size / 2**20:.2f} MB"
+
+
+def _cost(stored: Sequence[bool], sizes: Sequence[int], stream_bytes: int) -> int:
+    """Bytes held beyond the fully reversible stack.
+
+    The stored blocks' activations, and one set of output streams for each run of
+    reversible blocks past the first (one set fewer if every block stores).
+    """
+    runs = sum(1 for recomputed, _ in groupby(stored) if not recomputed)
+    return sum(s for s, keep in zip(sizes, stored) if keep) + (runs - 1) * stream_bytes
+
+
+def choose(
+    sizes: Sequence[int],
+    seconds: Sequence[float],
+    stream_bytes: int,
+    budget: float,
+    fixed: Sequence[bool],
+) -> tuple[bool, ...]:
+    """Store the blocks that save the most recomputation per byte, while they fit the budget.
+
+    Greedy on the margin: each step stores the block whose recomputation time is largest
+    for the bytes it adds, counting the set of streams a block in the middle of a
+    reversible run adds by splitting it (or saves by joining two), so stored blocks
+    gather. ``fixed`` marks blocks that store in any case (built with ``reversible=False``);
+    they count against nothing. Ties go to the later block.
+    """
+    stored = list(fixed)
+    baseline = _cost(fixed, [0] * len(sizes), stream_bytes)
+    used = 0
+    while True:
+        best, best_key = None, None
+        for i in range(len(sizes)):
+            if stored[i]:
+                continue
+            stored[i] = True
+            cost = _cost(stored, sizes, stream_bytes) - baseline
+            stored[i] = False
+            if cost > budget:
+                continue
+            key = (seconds[i] / max(cost - used, 1), i)
+            if best_key is None or key > best_key:
+                best, best_key = i, key
+        if best is None:
+            return tuple(stored)
+        stored[best] = True
+        used = _cost(stored, sizes, stream_bytes) - baseline
+
+
+def measure(
+    blocks: Sequence[Block],
+    x1: list[torch.Tensor],
+    x2: list[torch.Tensor],
+    inputs: StepInputs,
+    held: Iterable[torch.Tensor],
+    buffered: list[torch.nn.Module],
+) -> tuple[list[int], list[float]]:
+    """Run every block once with autograd on; return its activation bytes and its time.
+
+    Nothing is kept: the saved-tensors hook counts each tensor autograd would save and lets
+    it go with the block; the random generators and the modules' buffers are put back
+    afterwards. A second, warm run of each block gives its time.
+    """
+    exempt = {t.untyped_storage().data_ptr() for t in held}
+    sizes: list[int] = []
+    seconds: list[float] = []
+    devices = _rng.cuda_devices(chain(x1, x2))
+    x1 = [t.detach().requires_grad_() for t in x1]
+    x2 = [t.detach().requires_grad_() for t in x2]
+    with _rng.preserved(devices), _buffers.kept(buffered), torch.enable_grad():
+        for index, block in enumerate(blocks):
+            counter = _Counter(exempt)
+            with torch.autograd.graph.saved_tensors_hooks(counter.pack, _unpack):
+                y1, y2, _ = forward_step(block, index, x1, x2, inputs)
+            sizes.append(counter.size)
+            del counter
+            # timed again, warm: the first run pays for lazy initialisation and allocation
+            with torch.autograd.graph.saved_tensors_hooks(_drop, _unpack):
+                start = time.perf_counter()
+                forward_step(block, index, x1, x2, inputs)
+                seconds.append(time.perf_counter() - start)
+            x1 = [t.detach().requires_grad_() for t in y1]
+            x2 = [t.detach().requires_grad_() for t in y2]
+    return sizes, seconds
+
+
+class _Counter:
+    """A pack hook that adds up the storage autograd would save, each storage once.
+
+    It holds what it counts until the block is done, as autograd would: a storage freed
+    early could come back at the same address and be taken for one already counted.
+    """
+
+    def __init__(self, exempt: set[int]) -> None:
+        self.exempt, self.held, self.size = exempt, {}, 0
+
+    def pack(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self.exempt and key not in self.held:
+            self.held[key] = t
+            self.size += storage.nbytes()
+
+
+def _drop(_: torch.Tensor) -> None:
+    return None
+
+
+def _unpack(_: Any) -> torch.Tensor:  # pragma: no cover (the graph is dropped unused)
+    raise RuntimeError("revtree: a measuring pass's graph cannot be back-propagated")
