@@ -184,6 +184,49 @@ class ReversibleSequence(nn.Module):
         """
         return self._run(x, kwargs, self.route)
 
+    def run(
+        self,
+        x: Any,
+        /,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        route: Route | tuple[bool, bool] | None = None,
+        blocks: Sequence[int] | None = None,
+    ) -> Any:
+        """Run some of the blocks, with a route for this call: what adapters need.
+
+        ``seq(x, **kwargs)`` is ``seq.run(x, kwargs)``. ``route`` overrides the sequence's
+        for this call (``"f"``, ``"g"``, ``"both"`` or a pair ``(to_f, to_g)``, as
+        reformer-pytorch's ``arg_route``); ``blocks`` are the indices of the blocks to run,
+        in order (layer dropout skips some).
+
+        Args:
+            x: A pytree of floating-point tensors.
+            kwargs: The keyword arguments for the blocks.
+            route: Which of ``f`` and ``g`` receive ``kwargs`` in this call.
+            blocks: The indices of the blocks to run, increasing; all by default.
+
+        Returns:
+            A pytree with the structure of ``x``.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> import revtree
+            >>> seq = revtree.ReversibleSequence([(nn.Linear(2, 2), nn.Linear(2, 2))] * 3)
+            >>> x = torch.randn(5, 4)
+            >>> torch.equal(seq.run(x, blocks=[0, 2]), seq.run(seq.run(x, blocks=[0]), blocks=[2]))
+            True
+        """
+        if blocks is not None:
+            blocks = list(blocks)
+            if any(not 0 <= i < len(self.blocks) for i in blocks) or blocks != sorted(set(blocks)):
+                raise RevtreeError(
+                    f"blocks={blocks} must be increasing indices below {len(self.blocks)}. "
+                    "Hint: pass the indices of the blocks to run, in order, each once."
+                )
+        return self._run(x, kwargs or {}, self.route if route is None else route, blocks)
+
     def inverse(self, y: Any, /, **kwargs: Any) -> Any:
         """Compute the input that gives the output ``y``: the blocks undone, last to first.
 
@@ -320,7 +363,7 @@ class ReversibleSequence(nn.Module):
         route: Route | tuple[bool, bool],
         indices: Sequence[int] | None = None,
     ) -> Any:
-        """Run the blocks ``indices`` (all, by default) in order; adapters call this directly."""
+        """Run the blocks ``indices`` (all, by default) in order."""
         streams = self._streams(x, kwargs, route)
         x1, x2, inputs = streams.x1, streams.x2, streams.inputs
         layout, context = inputs.layout, inputs.context

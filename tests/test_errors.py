@@ -232,3 +232,10 @@ def test_user_coupling_error_names_the_block_and_coupling():
     bad = Returns(lambda x, w: [x["a"] * w])
     seq = revtree.ReversibleSequence([(_ok(), _ok()), (bad, _ok())], coupling=Broken())
     _raises(r"block 1: .*Broken.*\.forward raised ValueError.*Hint", seq, {"a": t(2, 4)})
+
+
+@pytest.mark.parametrize("blocks", [[2, 0], [0, 0], [3]])
+def test_run_takes_increasing_block_indices(blocks):
+    seq = revtree.ReversibleSequence([(_ok(), _ok()) for _ in range(3)])
+    with pytest.raises(revtree.RevtreeError, match="must be increasing indices below 3"):
+        seq.run({"a": t(2, 4)}, blocks=blocks)

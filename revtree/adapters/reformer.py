@@ -107,7 +107,7 @@ class ReversibleSequence(_sequence.ReversibleSequence):
         self.reversible = reverse
         for signal in self._signals:
             signal.on = reverse
-        return self._run(x, kwargs, tuple(arg_route), indices)
+        return self.run(x, kwargs, route=tuple(arg_route), blocks=indices)
 
 
 @contextmanager
