@@ -65,10 +65,14 @@ x = {
 
 y = model(x)
 print("output shapes:", {k: tuple(v.shape) for k, v in y.items()})
-print("gradients vs plain autograd:", compare_gradients(model, x))
-drift = reconstruction_errors(model, x)
-print(
-    f"worst reconstruction error over {len(drift)} blocks: {max(d.accumulated for d in drift):.1e}"
-)
+report = compare_gradients(model, x)
+print("gradients vs plain autograd:", report)
+drift = max(d.accumulated for d in reconstruction_errors(model, x))
+print(f"worst reconstruction error over {len(model.blocks)} blocks: {drift:.1e}")
 back = model.inverse(y)
-print(f"inverse(forward(x)) error: {max((back[k] - x[k]).abs().max().item() for k in x):.1e}")
+error = max((back[k] - x[k]).abs().max().item() for k in x)
+print(f"inverse(forward(x)) error: {error:.1e}")
+
+# in float64 all three are rounding errors; anything larger means the inverse is wrong
+if max(report.worst, drift, error) > 1e-10:
+    raise SystemExit(f"Leapfrog is not inverted exactly: {report}, inverse error {error:.1e}")

@@ -1,10 +1,14 @@
 """Train a deep reversible MLP on scikit-learn's digits; compare what it stores with plain autograd.
 
 Prints the activation memory each kept for backward (bytes of the tensors autograd saved,
-parameters not counted) and the test accuracy, and saves the loss curve to digits_loss.png.
+parameters not counted) and the test accuracy, and saves the loss curve to digits_loss.png
+(or to the path given as argument).
 
-Run: python examples/digits.py   (needs scikit-learn and matplotlib)
+Run: python examples/digits.py [loss.png]   (needs scikit-learn and matplotlib)
 """
+
+import sys
+from pathlib import Path
 
 import matplotlib
 
@@ -17,6 +21,7 @@ from torch import nn  # noqa: E402
 import revtree  # noqa: E402
 
 WIDTH, DEPTH = 128, 16
+PNG = Path(sys.argv[1] if len(sys.argv) > 1 else "digits_loss.png")
 
 
 def mlp() -> nn.Module:
@@ -76,6 +81,8 @@ print(
     f"plain autograd {plain:.0f} KiB, revtree {reversible:.0f} KiB "
     f"({reversible / plain:.2f}x)"
 )
+if reversible > plain / 4:
+    raise SystemExit("revtree should keep a small fraction of plain autograd's activations")
 
 opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
 losses = []
@@ -90,6 +97,8 @@ model.eval()
 with torch.no_grad():
     accuracy = (model(pixels[test]).argmax(1) == labels[test]).float().mean().item()
 print(f"final training loss {losses[-1]:.3f}, test accuracy {accuracy:.1%}")
+if accuracy < 0.9:
+    raise SystemExit(f"test accuracy {accuracy:.1%}: the reversible MLP did not learn")
 
 plt.figure(figsize=(5, 3))
 plt.plot(losses)
@@ -97,5 +106,7 @@ plt.xlabel("step")
 plt.ylabel("cross-entropy")
 plt.title(f"reversible MLP, depth {DEPTH}, on digits")
 plt.tight_layout()
-plt.savefig("digits_loss.png", dpi=100)
-print("saved digits_loss.png")
+plt.savefig(PNG, dpi=100)
+if not PNG.is_file():
+    raise SystemExit(f"{PNG} was not written")
+print(f"saved {PNG}")

@@ -45,7 +45,13 @@ same = torch.allclose(
     package(feats, coords, mask).type1, ours(feats, coords, mask).type1, atol=1e-5
 )
 print(f"revtree's trunk computes the package's function: {same}")
+if not same:
+    raise SystemExit("revtree's trunk and the package's give different outputs")
 # (equiformer-pytorch keeps its trunk's output as a plain attribute, out of these hooks' sight:
 # benchmarks/equiformer.py compares the two by process memory instead)
+saved = {}
 for name, model in [("plain autograd", plain), ("revtree reversible", ours)]:
-    print(f"{name:>18}: {saved_megabytes(model, feats, coords, mask):6.1f} MB saved for backward")
+    saved[name] = saved_megabytes(model, feats, coords, mask)
+    print(f"{name:>18}: {saved[name]:6.1f} MB saved for backward")
+if saved["revtree reversible"] > saved["plain autograd"] / 4:
+    raise SystemExit("the reversible trunk should keep a small fraction of plain autograd's")

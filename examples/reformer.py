@@ -31,6 +31,7 @@ model.load_state_dict(package.state_dict(), strict=True)  # same parameter names
 
 tokens = torch.randint(0, 64, (4, 129))  # inputs and next-token targets of 128
 opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+losses = []
 for step in range(8):
     start = time.perf_counter()
     logits = model(tokens[:, :-1].contiguous())
@@ -38,4 +39,7 @@ for step in range(8):
     opt.zero_grad()
     loss.backward()
     opt.step()
-    print(f"step {step}: loss {loss.item():.3f} ({time.perf_counter() - start:.2f} s)")
+    losses.append(loss.item())
+    print(f"step {step}: loss {losses[-1]:.3f} ({time.perf_counter() - start:.2f} s)")
+if losses[-1] > 0.9 * losses[0]:
+    raise SystemExit(f"the loss did not fall: {losses[0]:.3f} -> {losses[-1]:.3f}")

@@ -40,11 +40,17 @@ torch.manual_seed(0)
 model = RevNet()
 images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+losses = []
 for step in range(5):
     loss = nn.functional.cross_entropy(model(images), labels)
     opt.zero_grad()
     loss.backward()
     opt.step()
-    print(f"step {step}: loss {loss.item():.3f}")
+    losses.append(loss.item())
+    print(f"step {step}: loss {losses[-1]:.3f}")
 norm = model.body.blocks[0].f[0]
 print(f"BatchNorm saw {norm.num_batches_tracked.item()} batches in 5 steps (once per step)")
+if norm.num_batches_tracked.item() != 5:  # backward's recomputation must not count again
+    raise SystemExit("BatchNorm updated its running statistics during the recomputation")
+if losses[-1] >= losses[0]:
+    raise SystemExit(f"the loss did not fall: {losses[0]:.3f} -> {losses[-1]:.3f}")

@@ -61,4 +61,7 @@ out_tokens, out_cls = model((tokens, cls), padding_mask=padding_mask)
 loss = out_cls.pow(2).mean() + out_tokens.pow(2).mean()
 loss.backward()
 print(f"tokens {tuple(out_tokens.shape)}, cls {tuple(out_cls.shape)}, loss {loss.item():.4f}")
-print(f"gradient reaches the cls input: {cls.grad.abs().sum().item() > 0}")
+reached = cls.grad.abs().sum().item() > 0
+print(f"gradient reaches the cls input: {reached}")
+if not reached:
+    raise SystemExit("no gradient reached the duplicated cls token")

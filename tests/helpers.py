@@ -189,3 +189,31 @@ def codec_for(leaf: torch.Tensor, choice: int) -> Any:
     if choice == 3:
         return Rearrange(INTERLEAVE, two=2)
     return Split(-1)
+
+
+SHARED_CODECS = (Split(-1), Duplicate(), Rearrange(INTERLEAVE, two=2))
+"""Codecs that fit every leaf ``shapes`` draws, so any subtree of such leaves can share one."""
+
+
+@st.composite
+def codec_prefixes(draw: st.DrawFn, x: Any) -> tuple[Any, list[Any]]:
+    """A prefix tree of codecs for ``x``, and the codec it gives each leaf in flattening order.
+
+    Walks ``x`` one level at a time: a whole subtree sometimes shares one codec (sometimes the
+    root, so one codec for everything), otherwise its children get their own prefixes. The
+    per-leaf list is built by the same walk, not by broadcasting the prefix, so a reference
+    that encodes with it is independent of how revtree matches prefixes to the input.
+    """
+
+    def build(node: Any, share: bool) -> tuple[Any, list[Any]]:
+        if isinstance(node, torch.Tensor):
+            codec = codec_for(node, draw(st.integers(0, 3)))
+            return codec, [codec]
+        if share:
+            codec = draw(st.sampled_from(SHARED_CODECS))
+            return codec, [codec] * len(optree.tree_leaves(node))
+        children, metadata, _, unflatten = optree.tree_flatten_one_level(node)
+        built = [build(child, draw(st.sampled_from([False, True, True]))) for child in children]
+        return unflatten(metadata, [b[0] for b in built]), [c for b in built for c in b[1]]
+
+    return build(x, draw(st.sampled_from([False, False, False, True])))

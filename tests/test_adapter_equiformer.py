@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -25,6 +26,17 @@ CONFIGS = {
     "k-nearest": dict(num_neighbors=3),
 }
 
+MODEL = dict(
+    num_tokens=10,
+    dim=(6, 4),
+    dim_head=(4, 4),
+    heads=(2, 1),
+    num_degrees=2,
+    reversible=True,
+    reduce_dim_out=True,
+    attend_self=True,
+)
+
 
 class Coordinates(nn.Module):
     """An upstream layer producing the coordinates, so gradients must reach through them."""
@@ -41,17 +53,7 @@ class Coordinates(nn.Module):
 
 def _models(config: dict, depth: int = 2) -> tuple[nn.Module, nn.Module]:
     """The package's reversible Equiformer, and one with the adapter, sharing weights."""
-    kwargs = dict(
-        num_tokens=10,
-        dim=(6, 4),
-        dim_head=(4, 4),
-        heads=(2, 1),
-        num_degrees=2,
-        depth=depth,
-        reversible=True,
-        reduce_dim_out=True,
-        attend_self=True,
-    )
+    kwargs = dict(MODEL, depth=depth)
     kwargs.update(config)
     torch.manual_seed(0)
     package = Equiformer(**kwargs).double()
@@ -81,9 +83,9 @@ def _inputs(config: dict, n: int = 6):
     return feats, mask, edges
 
 
-def _run(model, coords_layer, config, n=6):
+def _run(model, coords, config, n=6):
     feats, mask, edges = _inputs(config, n)
-    out = model(feats, coords_layer(), mask, edges=edges)
+    out = model(feats, coords, mask, edges=edges)
     w0 = torch.linspace(-1, 1, out.type0.numel(), dtype=torch.float64).reshape(out.type0.shape)
     loss = (w0 * out.type0).sum() + out.type1.pow(2).sum()
     return out, loss
@@ -107,7 +109,7 @@ def test_outputs_and_gradients_equal_the_package_under_backward(name):
     coords = Coordinates(6)
     results = []
     for model in (package, ours):
-        out, loss = _run(model, coords, config)
+        out, loss = _run(model, coords(), config)
         sources = _sources(model, coords)
         for s in sources:
             s.grad = None
@@ -130,40 +132,114 @@ def test_outputs_and_gradients_equal_the_package_under_backward(name):
     assert reached > 0.9 * len(names), f"only {reached} of {len(names)} gradients are nonzero"
 
 
-@pytest.mark.parametrize("name", ["mlp-attention", "edge-tokens"])
+class _Wrapped(nn.Module):
+    """Holds a block function as ``.net``, so parameter names are the package's."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+class _PlainBlock(nn.Module):
+    def __init__(self, f: nn.Module, g: nn.Module) -> None:
+        super().__init__()
+        self.f, self.g = _Wrapped(f), _Wrapped(g)
+
+
+class PlainCoupling(nn.Module):
+    """The reference trunk: the package's reversible coupling written out with plain autograd.
+
+    Both streams start as the input; per block and degree ``y1 = x1 + f(x2, **kwargs)``,
+    ``y2 = x2 + g(y1)``; the output is ``(y1 + y2) / 2``. Neither revtree nor the package's
+    ``reversible.py`` is involved; the parameters are named ``blocks.{i}.f.net.*`` as there.
+    """
+
+    def __init__(self, blocks: list[tuple[nn.Module, nn.Module]]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_PlainBlock(f, g) for f, g in blocks)
+
+    def forward(self, x: dict, **kwargs) -> dict:
+        x1, x2 = x, x
+        for block in self.blocks:
+            fx = block.f.net(x2, **kwargs)
+            x1 = {d: x1[d] + fx[d] for d in x}
+            gx = block.g.net(x1)
+            x2 = {d: x2[d] + gx[d] for d in x}
+        return {d: (x1[d] + x2[d]) / 2 for d in x}
+
+
+def _reference_model(package: nn.Module, config: dict, depth: int = 2) -> nn.Module:
+    """An Equiformer with the ``PlainCoupling`` trunk and the package model's weights."""
+    import equiformer_pytorch.equiformer_pytorch as module
+
+    with mock.patch.object(module, "ReversibleSequence", PlainCoupling):
+        reference = Equiformer(**MODEL, depth=depth, **config).double()
+    assert isinstance(reference.layers, PlainCoupling)
+    reference.load_state_dict(package.state_dict(), strict=True)
+    return reference
+
+
+def _autograd_grad(model, coords_layer, config):
+    """Gradients by ``torch.autograd.grad`` for the model's and the upstream layer's
+    parameters and the coordinates tensor between them."""
+    coords = coords_layer()
+    out, loss = _run(model, coords, config)
+    sources = [*_sources(model, coords_layer), coords]
+    return out, torch.autograd.grad(loss, sources, allow_unused=True)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
 def test_autograd_grad_equals_plain_autograd(name):
-    """Under torch.autograd.grad the adapter is right and writes no .grad; the package is not."""
+    """Under torch.autograd.grad the adapter gives plain autograd's gradients and writes no
+    .grad; the package's own reversible sequence gives its blocks no gradient at all."""
     config = CONFIGS[name]
     package, ours = _models(config)
-    coords = Coordinates(6)
+    reference = _reference_model(package, config)
+    coords_layer = Coordinates(6)
+    names = [n for n, _ in package.named_parameters()]
+    names += ["coords.base", "coords.lin.weight", "coords.lin.bias", "coordinates"]
 
-    # the reference: the package's reversible sequence under loss.backward(), which it gets right
+    reference_out, expected = _autograd_grad(reference, coords_layer, config)
+    # the reference is right: the package's reversible sequence agrees under loss.backward()
+    package_coords_layer = copy.deepcopy(coords_layer)
+    coords = package_coords_layer()
+    coords.retain_grad()
     _, loss = _run(package, coords, config)
     loss.backward()
-    expected = [s.grad for s in _sources(package, coords)]
-    for s in _sources(package, coords):
-        s.grad = None
-    # and revtree's own plain-autograd path of the same coupling
+    by_package = [s.grad for s in _sources(package, package_coords_layer)] + [coords.grad]
+    for label, g, e in zip(names, by_package, expected, strict=True):
+        assert (g is None) == (e is None), label
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=0, atol=TOL, msg=label)
+
+    # revtree, reversible and with its own plain path, under autograd.grad
     plain = copy.deepcopy(ours)
     plain.layers.reversible = False
-
     for model in (ours, plain):
-        sources = _sources(model, coords)
-        _, loss = _run(model, coords, config)
-        grads = torch.autograd.grad(loss, sources, allow_unused=True)
+        sources = _sources(model, coords_layer)
+        assert all(s.grad is None for s in sources)
+        out, grads = _autograd_grad(model, coords_layer, config)
         assert all(s.grad is None for s in sources), "autograd.grad wrote .grad"
-        for g, e in zip(grads, expected):
-            assert (g is None) == (e is None)
+        torch.testing.assert_close(out.type0, reference_out.type0, rtol=0, atol=TOL)
+        torch.testing.assert_close(out.type1, reference_out.type1, rtol=0, atol=TOL)
+        for label, g, e in zip(names, grads, expected, strict=True):
+            assert (g is None) == (e is None), label
             if e is not None:
-                torch.testing.assert_close(g, e, rtol=0, atol=TOL)
+                torch.testing.assert_close(g, e, rtol=0, atol=TOL, msg=label)
+        if model is ours:
+            got = dict(zip(names, grads))
+
+    # the gradients reach upstream: coordinates, the layer making them, edge embeddings
+    for label in ["coordinates", "coords.base", "coords.lin.weight", "coords.lin.bias"]:
+        assert got[label] is not None and got[label].abs().sum() > 0, label
+    if "num_edge_tokens" in config:
+        assert got["edge_emb.weight"].abs().sum() > 0
+    block = [g for n, g in got.items() if n.startswith("layers.blocks.")]
+    assert sum(int(g is not None and g.abs().sum() > 0) for g in block) > 0.9 * len(block)
 
     # the package's own reversible sequence is wrong here: block parameters get no gradient
-    sources = _sources(package, coords)
-    _, loss = _run(package, coords, config)
-    grads = torch.autograd.grad(loss, sources, allow_unused=True)
-    names = [n for n, _ in package.named_parameters()]
-    block = [g for n, g in zip(names, grads) if n.startswith("layers.blocks.")]
-    assert all(g is None for g in block)
+    _, grads = _autograd_grad(package, coords_layer, config)
+    assert all(g is None for n, g in zip(names, grads) if n.startswith("layers.blocks."))
 
 
 def _rotation(seed: int) -> torch.Tensor:

@@ -6,13 +6,17 @@ import optree
 import pytest
 import torch
 from helpers import (
+    INTERLEAVE,
     TOL,
+    Point,
     assert_trees_close,
     codec_for,
+    codec_prefixes,
     half_widths,
     make_blocks,
     materialize,
     reference,
+    t,
     trees,
 )
 from hypothesis import given
@@ -20,6 +24,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import revtree
+from revtree.codecs import Duplicate, Rearrange, Split
 
 
 def _loss(y) -> torch.Tensor:
@@ -47,26 +52,31 @@ def _step(forward, sources, mode, seed):
     return y, list(grads), torch.get_rng_state()
 
 
+def _is_shape(s) -> bool:
+    return isinstance(s, tuple) and all(isinstance(i, int) for i in s)
+
+
 @st.composite
-def cases(draw):
+def cases(draw, prefix: bool = False, dropouts=(0.0, 0.3)):
+    """A random input tree, codecs (per leaf, or a genuine prefix tree), blocks and a mode."""
     structure = draw(trees())
     seed = draw(st.integers(0, 1000))
-    n = len(
-        optree.tree_leaves(
-            structure, is_leaf=lambda s: isinstance(s, tuple) and all(isinstance(i, int) for i in s)
-        )
-    )
+    n = len(optree.tree_leaves(structure, is_leaf=_is_shape))
     flags = draw(st.lists(st.booleans(), min_size=n, max_size=n))
     x = materialize(structure, seed, flags)
-    leaves, spec = optree.tree_flatten(x)
-    codecs = [codec_for(leaf, draw(st.integers(0, 3))) for leaf in leaves]
+    if prefix:
+        codec_tree, codecs = draw(codec_prefixes(x))
+    else:
+        leaves, spec = optree.tree_flatten(x)
+        codecs = [codec_for(leaf, draw(st.integers(0, 3))) for leaf in leaves]
+        codec_tree = spec.unflatten(codecs)
     depth = draw(st.integers(1, 3))
     return dict(
         x=x,
         codecs=codecs,
-        codec_tree=spec.unflatten(codecs),
+        codec_tree=codec_tree,
         depth=depth,
-        dropout=draw(st.sampled_from([0.0, 0.3])),
+        dropout=draw(st.sampled_from(dropouts)),
         route=draw(st.sampled_from(["f", "g", "both"])),
         mode=draw(st.sampled_from(["backward", "grad"])),
         with_ctx=draw(st.booleans()),
@@ -77,21 +87,22 @@ def cases(draw):
     )
 
 
-@given(cases())
-def test_gradients_equal_plain_autograd(case):
+def _check_against_reference(case) -> list:
+    """Outputs, gradients of every source and the RNG stream after a step, against plain
+    autograd written independently of revtree (``helpers.reference``, per-leaf codecs)."""
     x, codecs = case["x"], case["codecs"]
     blocks = make_blocks(half_widths(x, codecs), case["depth"], case["dropout"], case["seed"])
     upstream = nn.Parameter(torch.linspace(-1, 1, 3, dtype=torch.float64))
+    ctx_leaf = torch.linspace(0.5, -0.5, 4, dtype=torch.float64, requires_grad=True)
     route = case["route"]
 
     def kwargs():
         if not case["with_ctx"]:
             return {}
-        # non-leaf tensors that need gradients, in a nested tree, beside non-tensor leaves
-        return {
-            "ctx": {"c": (upstream * 2).sin(), "k": [upstream.exp(), torch.arange(3)]},
-            "scale": 0.5,
-        }
+        # a leaf tensor and non-leaf tensors that need gradients, in a nested tree, beside
+        # non-tensor leaves
+        ctx = {"c": (upstream * 2).sin(), "k": [upstream.exp(), torch.arange(3)], "leaf": ctx_leaf}
+        return {"ctx": ctx, "scale": 0.5}
 
     seq = revtree.ReversibleSequence(
         blocks, codec=case["codec_tree"], reversible=case["reversible"], route=route
@@ -99,8 +110,9 @@ def test_gradients_equal_plain_autograd(case):
     plain = revtree.ReversibleSequence(
         blocks, codec=case["codec_tree"], reversible=False, route=route
     )
-    sources = [leaf for leaf in optree.tree_leaves(x) if leaf.requires_grad]
-    sources += [upstream, *seq.parameters()]
+    inputs = [leaf for leaf in optree.tree_leaves(x) if leaf.requires_grad]
+    params = list(seq.parameters())
+    sources = [*inputs, *params, upstream, ctx_leaf]
 
     def ref():
         kw = kwargs()
@@ -113,6 +125,9 @@ def test_gradients_equal_plain_autograd(case):
     y_plain, g_plain, rng_plain = _step(lambda: plain(x, **kwargs()), sources, mode, seed)
     y_rev, g_rev, rng_rev = _step(lambda: seq(x, **kwargs()), sources, mode, seed)
 
+    # not vacuous: the reference reaches every input, parameter and (when given) keyword tensor
+    used = len(sources) if case["with_ctx"] else len(inputs) + len(params)
+    assert all(g is not None for g in g_ref[:used])
     assert_trees_close(y_plain, y_ref, what="reversible=False output")
     assert_trees_close(y_rev, y_ref, what="reversible output")
     assert_trees_close(g_plain, g_ref, what="reversible=False gradient")
@@ -121,13 +136,71 @@ def test_gradients_equal_plain_autograd(case):
     assert torch.equal(rng_plain, rng_ref)
     if mode == "grad":
         assert all(s.grad is None for s in sources), "autograd.grad wrote .grad"
+    return g_rev
+
+
+@given(cases())
+def test_gradients_equal_plain_autograd(case):
+    _check_against_reference(case)
+
+
+@pytest.mark.parametrize("mode", ["backward", "grad"])
+@given(case=cases(prefix=True, dropouts=(0.2, 0.5)))
+def test_prefix_codec_tree_gradients_equal_plain_autograd(mode, case):
+    """The codec is a prefix tree: some subtrees (sometimes the whole input) share one codec.
+
+    Every gradient (inputs, parameters, keyword tensors and the parameter upstream of them)
+    equals plain autograd's, with dropout in f and g, under ``backward()`` and
+    ``autograd.grad``.
+    """
+    _check_against_reference({**case, "mode": mode, "with_ctx": True})
+
+
+PREFIXES = {
+    # flattening order: a, b.cls, b.pos[0], b.pos[1].pos, b.pos[1].vel
+    "subtree shares one": (
+        {"a": Split(-1), "b": Duplicate()},
+        [Split(-1), Duplicate(), Duplicate(), Duplicate(), Duplicate()],
+    ),
+    "one for everything": (Duplicate(), [Duplicate()] * 5),
+    "nested": (
+        {"a": Rearrange(INTERLEAVE, two=2), "b": {"cls": Split(0), "pos": Split(-1)}},
+        [Rearrange(INTERLEAVE, two=2), Split(0), Split(-1), Split(-1), Split(-1)],
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["backward", "grad"])
+@pytest.mark.parametrize("name", PREFIXES)
+def test_prefix_codec_tree_gradients_nonzero(name, mode):
+    """Fixed prefix trees (the shared codec covering a nested subtree): nonzero and equal."""
+    x = {
+        "a": t(2, 3, 4),
+        "b": {
+            "cls": t(2, 4, seed=1),
+            "pos": [t(2, 6, seed=2), Point(t(3, 2, seed=3), t(3, 4, seed=4))],
+        },
+    }
+    codec_tree, codecs = PREFIXES[name]
+    case = dict(
+        x=x,
+        codecs=codecs,
+        codec_tree=codec_tree,
+        depth=3,
+        dropout=0.2,  # small enough that no leaf's update is dropped entirely at this seed
+        route="both",
+        mode=mode,
+        with_ctx=True,
+        reversible=True,
+        seed=0,
+    )
+    grads = _check_against_reference(case)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 @pytest.mark.parametrize("mode", ["backward", "grad"])
 def test_gradients_nonzero_and_complete(mode):
     """A guard against a vacuous comparison: every source gets a nonzero gradient."""
-    from helpers import t
-
     x = {"a": t(2, 4), "b": [t(3, 2, seed=1)]}
     codecs = [codec_for(leaf, 0) for leaf in optree.tree_leaves(x)]
     blocks = make_blocks(half_widths(x, codecs), 3, dropout=0.2)
@@ -143,8 +216,6 @@ def test_gradients_nonzero_and_complete(mode):
 
 
 def test_gradcheck_nested_tree():
-    from helpers import t
-
     x = {"a": t(2, 4), "b": (t(2, 2, seed=1),)}
     codecs = [codec_for(leaf, c) for leaf, c in zip(optree.tree_leaves(x), [0, 1])]
     spec = optree.tree_structure(x)
