@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import hashlib
 import importlib
 import os
 import subprocess
@@ -124,6 +125,36 @@ def available(systems: Iterable[str]) -> list[str]:
     return [s for s in systems if peer(s) is not None]
 
 
+def git_revision() -> str:
+    """The commit of the revtree checkout, ``+dirty`` if revtree/ has local changes."""
+    root = Path(revtree.__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "revtree"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "no git"
+    return f"git {rev}{'+dirty' if dirty else ''}"
+
+
+def source_digest() -> str:
+    """A digest of revtree's source files, to notice them changing during a run."""
+    root = Path(revtree.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def peer_version(system: str) -> str:
     dist = SYSTEMS[system][2]
     if dist is None:
@@ -178,9 +209,9 @@ class Config:
                 c_repeats=repeats or 5,
             )
         depths_ = tuple(sorted(depths or [4, 16, 64]))
-        # fewer rounds where a round is long: the median of 3 at depth 64 is as steady
-        # (each step averages over 64 blocks) as the median of 7 at depth 4
-        a_repeats = tuple(repeats or (7 if d <= 8 else 5 if d <= 32 else 3) for d in depths_)
+        # fewer rounds where a round is long (78 s at depth 64): each of its steps already
+        # averages over 64 blocks
+        a_repeats = tuple(repeats or (5 if d <= 32 else 3) for d in depths_)
         return cls(
             a_batch=32,
             a_tokens=128,
@@ -232,6 +263,11 @@ def depth_of(workload: str, cfg: Config) -> list[int]:
     if workload == "a":
         return list(cfg.depths)
     return [cfg.b_depth if workload == "b" else cfg.c_depth]
+
+
+def grad_depth(workload: str, cfg: Config) -> int:
+    """The depth of the gradient check: a few blocks show a wrong gradient as well as many."""
+    return depth_of(workload, cfg)[0] if workload == "c" else min(4, *depth_of(workload, cfg))
 
 
 def make_input(workload: str, cfg: Config, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -425,8 +461,9 @@ class Timing:
 
 
 def measure_time(
-    workload: str, systems: list[str], depth: int, cfg: Config, repeats: int
+    workload: str, systems: list[str], depth: int, cfg: Config, repeats: int, warm: bool = True
 ) -> dict[str, Timing]:
+    """Median times of ``systems``, interleaved; ``warm``: one untimed step of each first."""
     pairs = make_pairs(workload, cfg, depth, torch.float32)
     models = {s: build(workload, s, copy.deepcopy(pairs)) for s in systems}
     del pairs
@@ -439,8 +476,9 @@ def measure_time(
     # the gc.collect() before every timed run then takes milliseconds, not 0.1-0.2 s.
     gc.collect()
     gc.freeze()
+    warmup = [(s, "step") for s in systems] if warm else []  # a step runs the forward too
     try:
-        medians = interleaved_medians(tasks, repeats, warmup=list(tasks))
+        medians = interleaved_medians(tasks, repeats, warmup=warmup)
     finally:
         gc.unfreeze()
     return {s: Timing(medians[s, "step"], medians[s, "forward"]) for s in systems}
@@ -515,17 +553,19 @@ def plot(path: Path, depths: list[int], systems: list[str], memory: dict, timing
         style = dict(marker="o", linewidth=2.5 if s == "revtree" else 1.2, label=name)
         held = [max(memory["a", s, d].held, 0.1) for d in depths]
         ax_mem.plot(depths, held, **style)
-        ax_time.plot(depths, [timing["a", d][s].step * 1e3 for d in depths], **style)
+        per_block = [timing["a", d][s].step * 1e3 / d for d in depths]
+        ax_time.plot(depths, per_block, **style)
     for ax in (ax_mem, ax_time):
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         ax.set_xticks(depths, [str(d) for d in depths])
         ax.set_xlabel("depth (blocks)")
         ax.grid(True, which="both", alpha=0.3)
+    ax_mem.set_yscale("log")
+    ax_time.set_ylim(bottom=0)
     ax_mem.set_ylabel("memory held, forward to backward (MB, RSS)")
-    ax_time.set_ylabel("training step (ms, median)")
+    ax_time.set_ylabel("training step / depth (ms per block, median)")
     ax_mem.set_title("Memory held between forward and backward")
-    ax_time.set_title("Step time (forward + backward)")
+    ax_time.set_title("Step time (forward + backward) per block")
     ax_time.legend(fontsize=8)
     fig.suptitle("Workload a: one tensor, LayerNorm-Linear-GELU-Linear blocks, 1 thread, CPU")
     fig.tight_layout()
@@ -586,9 +626,10 @@ def main() -> None:
     else:
         plot_path = Path(__file__).resolve().parent.parent / "docs" / "img" / "peers.png"
 
-    started = time.perf_counter()
+    started, digest = time.perf_counter(), source_digest()
     print(
-        f"revtree {revtree.__version__}, torch {torch.__version__}, {args.threads} thread(s), "
+        f"revtree {revtree.__version__} ({git_revision()}), torch {torch.__version__}, "
+        f"{args.threads} thread(s), "
         f"{os.cpu_count()} CPU(s), float32 CPU unless said"
     )
     peers = [s for s in SYSTEMS if SYSTEMS[s][1]]
@@ -638,7 +679,7 @@ def main() -> None:
     # gradients: one step against plain autograd, float32 and float64
     grads: dict[str, dict[torch.dtype, dict[str, GradDiff]]] = {}
     for wl in "abc":
-        depth = depth_of(wl, cfg)[0]
+        depth = grad_depth(wl, cfg)
         grads[wl] = {}
         for dtype in (torch.float32, torch.float64):
             report(f"gradients: workload {wl}, depth {depth}, {dtype}")
@@ -646,9 +687,11 @@ def main() -> None:
 
     # time: every system of a (workload, depth) interleaved in one process
     timing: dict[tuple[str, int], dict[str, Timing]] = {}
-    for depth, repeats in zip(cfg.depths, cfg.a_repeats):
+    for i, (depth, repeats) in enumerate(zip(cfg.depths, cfg.a_repeats)):
         report(f"time: workload a, depth {depth}, {repeats} rounds of {len(systems['a'])} systems")
-        timing["a", depth] = measure_time("a", systems["a"], depth, cfg, repeats)
+        # warm-up at the first depth only: the deeper models run the same code, and a step at
+        # depth 64 costs 9 s a system
+        timing["a", depth] = measure_time("a", systems["a"], depth, cfg, repeats, warm=i == 0)
     report(f"time: workload b, {cfg.b_repeats} rounds")
     timing["b", cfg.b_depth] = measure_time("b", systems["b"], cfg.b_depth, cfg, cfg.b_repeats)
     report(f"time: workload c, {cfg.c_repeats} rounds")
@@ -658,7 +701,8 @@ def main() -> None:
     # ------------------------------------------------------------ tables
     print("\n".join(MEMORY_METHOD))
     print("Time: medians; per (workload, depth) every system timed in one process, interleaved")
-    print("  (A step, A forward, B step, B forward, ...), after one untimed run of each;")
+    print("  (A step, A forward, B step, B forward, ...); one untimed step of each first")
+    print("  (for workload a at its first depth only: the process is warm after it);")
     print("  step = forward + weighted-sum loss + backward + zero_grad; forward under no_grad")
     print(f"  (on a fresh clone of the input); rounds: workload a {list(cfg.a_repeats)} by depth,")
     print(f"  b {cfg.b_repeats}, c {cfg.c_repeats}. x plain: ratio to plain autograd")
@@ -683,12 +727,12 @@ def main() -> None:
 
     print("\nWorkload a: one tensor")
     table("a")
-    print(f"gradients, depth {cfg.depths[0]}:")
+    print(f"gradients, depth {grad_depth('a', cfg)}:")
     gradient_table(grads["a"], systems["a"])
 
     print("\nWorkload b: dict of degrees 0-2, duplicated streams")
     table("b")
-    print(f"gradients, depth {cfg.b_depth}:")
+    print(f"gradients, depth {grad_depth('b', cfg)}:")
     gradient_table(grads["b"], systems["b"])
 
     print(f"\nWorkload c: {cfg.c_degrees} degrees on tiny tensors, per-block overhead")
@@ -711,7 +755,7 @@ def main() -> None:
     print("  us/block: microseconds per block per training step; - plain: the excess over plain")
     print("  - recompute: the excess less one no-grad forward of plain (the recomputation that")
     print("  checkpointing and reversible backward do by design); fwd: forward under no_grad")
-    print(f"gradients, depth {cfg.c_depth}:")
+    print(f"gradients, depth {grad_depth('c', cfg)}:")
     gradient_table(grads["c"], systems["c"])
 
     # ------------------------------------------------------------ plot
@@ -742,8 +786,9 @@ def main() -> None:
     if "equiformer" in tb:
         vs = tb["revtree"].step / tb["equiformer"].step
         print(
-            f"  (b) revtree / equiformer-pytorch step time: {vs:.2f}x, "
-            f"{(1 - vs) * 100:.0f}% faster (target >= 10%) {verdict(vs <= EQUIFORMER_TARGET)}"
+            f"  (b) revtree / equiformer-pytorch step time: {vs:.3f}x, "
+            f"{abs(1 - vs) * 100:.1f}% {'faster' if vs <= 1 else 'slower'} "
+            f"(target: >= 10% faster) {verdict(vs <= EQUIFORMER_TARGET)}"
         )
         over = {s: per_block[s] - per_block["plain"] for s in ("revtree", "equiformer")}
         ok = over["revtree"] <= OVERHEAD_TARGET * over["equiformer"]
@@ -752,6 +797,12 @@ def main() -> None:
             f"equiformer-pytorch {over['equiformer']:.0f} us, ratio "
             f"{ratio(over['revtree'], over['equiformer'])} (target <= {OVERHEAD_TARGET}) "
             f"{verdict(ok)}"
+        )
+        floor = fwd_block["plain"]
+        print(
+            f"      (a recomputing system's floor: one no-grad forward, {floor:.0f} us/block;"
+            f" beyond it: revtree {over['revtree'] - floor:.0f} us,"
+            f" equiformer-pytorch {over['equiformer'] - floor:.0f} us)"
         )
     else:
         print("  (b), (c) equiformer-pytorch not installed, skipped")
@@ -767,6 +818,8 @@ def main() -> None:
             f"{ratio(held_hi, held_lo, floor=HELD_NOISE)}, {held_hi:.1f} MB vs {held_lo:.1f} MB"
             + (f" {tag}" if s == "revtree" else "")
         )
+    if source_digest() != digest:
+        print("\nWARNING: revtree's source files changed during the run; rows may mix versions")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     sys.stdout.flush()
 
