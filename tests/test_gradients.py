@@ -83,6 +83,9 @@ def cases(draw, prefix: bool = False, dropouts=(0.0, 0.3)):
         reversible=draw(
             st.one_of(st.just(True), st.lists(st.booleans(), min_size=depth, max_size=depth))
         ),
+        # the activations the stack may store, as a fraction of all its blocks': none, some
+        # blocks, every block
+        budget=draw(st.one_of(st.just(0.0), st.floats(0.2, 0.9), st.just(float("inf")))),
         seed=seed,
     )
 
@@ -105,8 +108,16 @@ def _check_against_reference(case) -> list:
         return {"ctx": ctx, "scale": 0.5}
 
     seq = revtree.ReversibleSequence(
-        blocks, codec=case["codec_tree"], reversible=case["reversible"], route=route
+        blocks,
+        codec=case["codec_tree"],
+        reversible=case["reversible"],
+        route=route,
     )
+    budget = case.get("budget", 0.0)
+    if 0 < budget < float("inf"):
+        seq.memory_budget = float("inf")  # plan every block as stored, to learn their sizes
+        budget *= sum(seq.plan(x, **kwargs()).activation_bytes)
+    seq.memory_budget = budget
     plain = revtree.ReversibleSequence(
         blocks, codec=case["codec_tree"], reversible=False, route=route
     )
