@@ -39,7 +39,9 @@ def broadcast_prefix(prefix: Any, tree: Any, namespace: str, what: str) -> list[
     try:
         return optree.broadcast_prefix(prefix, tree, none_is_leaf=NONE_IS_LEAF, namespace=namespace)
     except ValueError as e:
-        reason = str(e).rsplit("; ", 1)[0]  # drop optree's repr of the node, tensor values and all
+        # optree's prefix_errors name the key path and the types, never a tensor's values
+        errors = optree.prefix_errors(prefix, tree, none_is_leaf=NONE_IS_LEAF, namespace=namespace)
+        reason = str(errors[0](what)) if errors else str(e).rsplit("; ", 1)[0]
         raise RevtreeError(
             f"the {what} tree is not a prefix of the input tree: {reason}\n"
             f"{what} structure: {optree.tree_structure(prefix, namespace=namespace)}\n"

@@ -239,3 +239,11 @@ def test_run_takes_increasing_block_indices(blocks):
     seq = revtree.ReversibleSequence([(_ok(), _ok()) for _ in range(3)])
     with pytest.raises(revtree.RevtreeError, match="must be increasing indices below 3"):
         seq.run({"a": t(2, 4)}, blocks=blocks)
+
+
+def test_nested_codec_tree_mismatch_names_the_key_path_not_values():
+    seq = revtree.ReversibleSequence([], codec={"a": {"b": Split(-1)}})
+    x = {"a": torch.full((2, 4), 12345.0, dtype=torch.float64)}
+    with pytest.raises(revtree.RevtreeError, match=r"(?s)key path.*codec\['a'\].*Tensor") as info:
+        seq(x)
+    assert "12345" not in str(info.value)
