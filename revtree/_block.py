@@ -76,11 +76,18 @@ class Versions:
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.tensors = tensors
-        # inference tensors have no version counter (and cannot be modified outside it)
-        self.versions = [None if t.is_inference() else t._version for t in tensors]
+        try:
+            self.versions: list[int | None] = [t._version for t in tensors]
+        except RuntimeError:  # inference tensors have no version counter (nor change outside it)
+            self.versions = [None if t.is_inference() else t._version for t in tensors]
 
     def changed(self) -> int | None:
         """The position of the first tensor modified since, if any."""
+        try:
+            if [t._version for t in self.tensors] == self.versions:
+                return None
+        except RuntimeError:
+            pass
         for k, (t, version) in enumerate(zip(self.tensors, self.versions)):
             if version is not None and t._version != version:
                 return k
@@ -191,8 +198,8 @@ def call(
     streams, watched = Versions(leaves), Versions(keywords)
     out = module(layout.spec.unflatten(leaves), **kwargs)
     check_unchanged(which, index, streams, layout.names, watched, inputs.context)
-    out_leaves, out_spec = _trees.flatten(out, inputs.namespace)
-    if _trees.differ(out_spec, expected):
+    out_leaves, out_spec = _trees.leaves_as(out, expected, inputs.namespace)
+    if out_spec is not expected and _trees.differ(out_spec, expected):
         wanted = (
             "a pytree with the structure of its input (same keys, same nesting, one tensor per "
             "leaf)"
@@ -221,8 +228,11 @@ def combine(
             out = coupling.combine_leaves(x, update)
         except (RuntimeError, TypeError):
             pass
+    # same shape and dtype; the device can only change for a 0-dim leaf (a CPU scalar
+    # tensor combines with a CUDA one), so it is compared there only
     if out is not None and all(
-        y.shape == a.shape and y.dtype == a.dtype and y.device == a.device for y, a in zip(out, x)
+        y.shape == a.shape and y.dtype is a.dtype and (a.shape or y.device == a.device)
+        for y, a in zip(out, x)
     ):
         return out
     raise _combine_error(coupling, x, update, which, index, layout)

@@ -23,6 +23,24 @@ def flatten(tree: Any, namespace: str) -> tuple[list[Any], PyTreeSpec]:
     return optree.tree_flatten(tree, none_is_leaf=NONE_IS_LEAF, namespace=namespace)
 
 
+def leaves_as(tree: Any, spec: PyTreeSpec, namespace: str) -> tuple[list[Any], PyTreeSpec]:
+    """The leaves of ``tree`` and its structure, fast when it has the structure ``spec``.
+
+    ``f`` and ``g`` almost always return the structure they were given: reading the leaves
+    up to a known structure is several times cheaper than a full flatten, and a tree that
+    does not fit (or holds a non-tensor where ``spec`` has a leaf) takes the full flatten.
+    """
+    if not torch.compiler.is_compiling():
+        try:
+            leaves = spec.flatten_up_to(tree)
+        except (ValueError, TypeError):
+            pass
+        else:
+            if all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+                return leaves, spec
+    return flatten(tree, namespace)
+
+
 def flatten_with_names(
     tree: Any, namespace: str
 ) -> tuple[list[tuple[Any, ...]], list[str], list[Any], PyTreeSpec]:

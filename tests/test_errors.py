@@ -46,6 +46,12 @@ def test_f_returns_another_structure():
     _raises(r"block 1: f returned a pytree of structure .*'other'.* Hint", seq, {"a": t(2, 4)})
 
 
+def test_f_returns_a_subtree_where_a_leaf_belongs():
+    bad = Returns(lambda x, w: {"a": (x["a"] * w, x["a"])})
+    seq = revtree.ReversibleSequence([(bad, _ok())])
+    _raises(r"block 0: f returned a pytree of structure .*\(\*, \*\).* Hint", seq, {"a": t(2, 4)})
+
+
 def test_g_returns_a_non_tensor_leaf():
     bad = Returns(lambda x, w: {"a": 1.0})
     seq = revtree.ReversibleSequence([(_ok(), bad)])
