@@ -14,8 +14,11 @@ a. One tensor ``(batch, tokens, 2d)``, split in two on the last axis; f and g ar
 b. An Equiformer-style dict of degrees ``{l: (batch, nodes, d, 2l + 1)}`` for l = 0, 1, 2,
    duplicated into both streams (the output is the mean of the two); f and g apply one such
    MLP over the ``d`` axis per degree. revtree uses ``codecs.Degree()``.
-c. The same as b with 8 degrees on tiny tensors: the per-block Python overhead, in
-   microseconds per block per training step, and its excess over plain autograd.
+c. Many small leaves and next to no work in f and g (one ``tanh(w * x)`` per leaf, ``w``
+   a parameter per leaf), so that what a step costs beyond plain autograd is the
+   system's own per-block overhead, in microseconds per block per training step: 8
+   leaves ``(1, 2, 4, 2l + 1)`` as a flat dict of degrees (every system) and as a nested
+   pytree of dicts, a tuple and a list (plain autograd and revtree).
 
 Measured:
 
@@ -88,14 +91,33 @@ SYSTEMS: dict[str, tuple[str, str | None, str | None]] = {
     "memcnn": ("MemCNN", "memcnn", "memcnn"),
     "reformer": ("reformer-pytorch", "reformer_pytorch.reversible", "reformer-pytorch"),
     "equiformer": ("equiformer-pytorch", "equiformer_pytorch.reversible", "equiformer-pytorch"),
+    "plain-nested": ("plain, nested", None, None),
+    "revtree-nested": ("revtree, nested", None, None),
 }
 WORKLOAD_SYSTEMS = {
     "a": ("plain", "checkpoint", "revtree", "revtorch", "revlib", "memcnn", "reformer"),
     "b": ("plain", "revtree-plain", "checkpoint", "revtree", "equiformer"),
-    "c": ("plain", "revtree-plain", "checkpoint", "revtree", "equiformer"),
+    "c": (
+        "plain",
+        "revtree-plain",
+        "checkpoint",
+        "revtree",
+        "equiformer",
+        "plain-nested",
+        "revtree-nested",
+    ),
 }
 TENSOR_PEERS = ("revtorch", "revlib", "memcnn")  # the target compares revtree to the best
-RECOMPUTING = ("checkpoint", "revtree", "revtorch", "revlib", "memcnn", "reformer", "equiformer")
+RECOMPUTING = (
+    "checkpoint",
+    "revtree",
+    "revtree-nested",
+    "revtorch",
+    "revlib",
+    "memcnn",
+    "reformer",
+    "equiformer",
+)
 
 STEP_TARGET = 1.30  # (a) revtree / plain step time at depth 16, at most
 PEER_TARGET = 0.95  # (a) revtree / best of RevLib, RevTorch, MemCNN step time, at most
@@ -246,6 +268,18 @@ class DegreeMLP(nn.Module):
         return {k: self.mlps[str(k)](v.transpose(-1, -2)).transpose(-1, -2) for k, v in x.items()}
 
 
+class LeafScale(nn.Module):
+    """Next to no work: ``tanh(w * x)`` on each leaf of any pytree, ``w`` a parameter per leaf."""
+
+    def __init__(self, d: int, n_leaves: int) -> None:
+        super().__init__()
+        self.w = nn.ParameterList(nn.Parameter(torch.randn(d, 1) / 2) for _ in range(n_leaves))
+
+    def forward(self, x: Any) -> Any:
+        xs, spec = optree.tree_flatten(x)
+        return spec.unflatten([torch.tanh(v * w) for v, w in zip(xs, self.w)])
+
+
 Pairs = list[tuple[nn.Module, nn.Module]]
 
 
@@ -253,9 +287,12 @@ def make_pairs(workload: str, cfg: Config, depth: int, dtype: torch.dtype) -> Pa
     torch.manual_seed(0)
     if workload == "a":
         pairs = [(mlp(cfg.a_dim), mlp(cfg.a_dim)) for _ in range(depth)]
-    else:
-        d, n = (cfg.b_dim, cfg.b_degrees) if workload == "b" else (cfg.c_dim, cfg.c_degrees)
+    elif workload == "b":
+        d, n = cfg.b_dim, cfg.b_degrees
         pairs = [(DegreeMLP(d, n), DegreeMLP(d, n)) for _ in range(depth)]
+    else:
+        d, n = cfg.c_dim, cfg.c_degrees
+        pairs = [(LeafScale(d, n), LeafScale(d, n)) for _ in range(depth)]
     return [(f.to(dtype), g.to(dtype)) for f, g in pairs]
 
 
@@ -349,6 +386,43 @@ class DictChain(nn.Module):
         return {k: (x1[k] + x2[k]) / 2 for k in x}
 
 
+def nest(x: dict[int, torch.Tensor]) -> dict[str, Any]:
+    """The leaves of a flat dict of degrees as a nested pytree, in the same leaf order."""
+    v = [x[k] for k in sorted(x)]
+    third = len(v) // 3
+    return {
+        "atoms": dict(enumerate(v[:third])),
+        "edges": tuple(v[third : 2 * third]),
+        "globals": list(v[2 * third :]),
+    }
+
+
+class Nested(nn.Module):
+    """Workload c on a nested pytree: ``model`` sees ``nest(x)``; the output is flat again."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return dict(zip(sorted(x), optree.tree_leaves(self.model(nest(x)))))
+
+
+class TreeChain(nn.Module):
+    """Plain autograd on duplicated streams of any pytree."""
+
+    def __init__(self, pairs: Pairs) -> None:
+        super().__init__()
+        self.pairs = nn.ModuleList(nn.ModuleList(p) for p in pairs)
+
+    def forward(self, x: Any) -> Any:
+        x1, x2 = x, x
+        for f, g in self.pairs:
+            x1 = optree.tree_map(torch.add, x1, f(x2))
+            x2 = optree.tree_map(torch.add, x2, g(x1))
+        return optree.tree_map(lambda a, b: (a + b) / 2, x1, x2)
+
+
 class MemCNNChain(nn.Module):
     """MemCNN's couplings in an ``nn.Sequential``, fed a non-leaf alias of the input.
 
@@ -398,6 +472,10 @@ def build(workload: str, system: str, pairs: Pairs) -> nn.Module:
             return revtree.ReversibleSequence(pairs, codec=codec, reversible=system == "revtree")
         if system == "equiformer":
             return peer(system).ReversibleSequence(list(pairs))
+        if system == "plain-nested":
+            return Nested(TreeChain(pairs))
+        if system == "revtree-nested":
+            return Nested(revtree.ReversibleSequence(pairs, codec=revtree.codecs.Duplicate()))
     raise ValueError(f"system {system!r} cannot run workload {workload!r}")
 
 
@@ -652,12 +730,14 @@ def main() -> None:
         f"depth {cfg.b_depth}"
     )
     print(
-        f"(c) as b with {cfg.c_degrees} degrees on tiny tensors ({cfg.c_batch}, {cfg.c_nodes}, "
-        f"{cfg.c_dim}, 2l+1); depth {cfg.c_depth}"
+        f"(c) {cfg.c_degrees} leaves ({cfg.c_batch}, {cfg.c_nodes}, {cfg.c_dim}, 2l+1), "
+        f"l < {cfg.c_degrees}, duplicated streams; f, g: tanh(w * x) per leaf, w a "
+        f"({cfg.c_dim}, 1) parameter per leaf; a flat dict of degrees, and (nested) "
+        f"{{'atoms': {{0: .., 1: ..}}, 'edges': (..), 'globals': [..]}}; depth {cfg.c_depth}"
     )
     print(
-        "revtree: ReversibleSequence(pairs), codec Split(-1) (a) or Degree() (b, c), additive; "
-        "revtree rev=False: the same with reversible=False"
+        "revtree: ReversibleSequence(pairs), codec Split(-1) (a), Degree() (b, c) or "
+        "Duplicate() (c nested), additive; revtree rev=False: the same with reversible=False"
     )
     print("plain: hand-written y1 = x1 + f(x2), y2 = x2 + g(y1) with ordinary autograd\n")
 
@@ -735,26 +815,32 @@ def main() -> None:
     print(f"gradients, depth {grad_depth('b', cfg)}:")
     gradient_table(grads["b"], systems["b"])
 
-    print(f"\nWorkload c: {cfg.c_degrees} degrees on tiny tensors, per-block overhead")
+    print(f"\nWorkload c: {cfg.c_degrees} small leaves, next to no work: per-block overhead")
     tc = timing["c", cfg.c_depth]
     per_block = {s: tc[s].step / cfg.c_depth * 1e6 for s in systems["c"]}
     fwd_block = {s: tc[s].forward / cfg.c_depth * 1e6 for s in systems["c"]}
+
+    def base(s: str) -> str:  # the plain autograd run on the same tree
+        return "plain-nested" if s.endswith("-nested") else "plain"
+
     print(
         f"{'system':<19} {'step ms':>9} {'us/block':>9} {'- plain':>8} {'x plain':>7}"
         f" {'- recompute':>11} {'fwd us/block':>13} {'- plain':>8}"
     )
     for s in systems["c"]:
-        extra = per_block[s] - per_block["plain"]
-        beyond = f"{extra - fwd_block['plain']:.0f}" if s in RECOMPUTING else "-"
+        b = base(s)
+        extra = per_block[s] - per_block[b]
+        beyond = f"{extra - fwd_block[b]:.0f}" if s in RECOMPUTING else "-"
         print(
             f"{SYSTEMS[s][0]:<19} {tc[s].step * 1e3:>9.2f} {per_block[s]:>9.0f}"
-            f" {extra:>8.0f} {per_block[s] / per_block['plain']:>7.2f}"
+            f" {extra:>8.0f} {per_block[s] / per_block[b]:>7.2f}"
             f" {beyond:>11}"
-            f" {fwd_block[s]:>13.0f} {fwd_block[s] - fwd_block['plain']:>8.0f}"
+            f" {fwd_block[s]:>13.0f} {fwd_block[s] - fwd_block[b]:>8.0f}"
         )
     print("  us/block: microseconds per block per training step; - plain: the excess over plain")
-    print("  - recompute: the excess less one no-grad forward of plain (the recomputation that")
-    print("  checkpointing and reversible backward do by design); fwd: forward under no_grad")
+    print("  autograd on the same tree (the nested rows: over plain, nested); - recompute: the")
+    print("  excess less one no-grad forward of plain (the recomputation that checkpointing and")
+    print("  reversible backward do by design); fwd: forward under no_grad")
     print(f"gradients, depth {grad_depth('c', cfg)}:")
     gradient_table(grads["c"], systems["c"])
 
@@ -790,6 +876,9 @@ def main() -> None:
             f"{abs(1 - vs) * 100:.1f}% {'faster' if vs <= 1 else 'slower'} "
             f"(target: >= 10% faster) {verdict(vs <= EQUIFORMER_TARGET)}"
         )
+    else:
+        print("  (b) equiformer-pytorch not installed, skipped")
+    if "equiformer" in systems["c"]:
         over = {s: per_block[s] - per_block["plain"] for s in ("revtree", "equiformer")}
         ok = over["revtree"] <= OVERHEAD_TARGET * over["equiformer"]
         print(
@@ -798,14 +887,14 @@ def main() -> None:
             f"{ratio(over['revtree'], over['equiformer'])} (target <= {OVERHEAD_TARGET}) "
             f"{verdict(ok)}"
         )
-        floor = fwd_block["plain"]
-        print(
-            f"      (a recomputing system's floor: one no-grad forward, {floor:.0f} us/block;"
-            f" beyond it: revtree {over['revtree'] - floor:.0f} us,"
-            f" equiformer-pytorch {over['equiformer'] - floor:.0f} us)"
-        )
     else:
-        print("  (b), (c) equiformer-pytorch not installed, skipped")
+        print("  (c) equiformer-pytorch not installed, skipped")
+    if "revtree-nested" in systems["c"]:
+        nested = per_block["revtree-nested"] - per_block["plain-nested"]
+        print(
+            f"  (c) revtree's per-block overhead over plain on the nested tree: {nested:.0f} us "
+            f"(flat dict: {per_block['revtree'] - per_block['plain']:.0f} us)"
+        )
     lo, hi = cfg.depths[0], cfg.depths[-1]
     for s in systems["a"]:
         if s in ("plain", "checkpoint"):
