@@ -12,6 +12,7 @@ matters as much as one of that size in its partner.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -72,13 +73,22 @@ def check(
     further and the warning names the block where the drift starts.
     """
     n = len(names)
-    errors = relative_errors(sample(rebuilt), samples)
+    # a NaN or an infinity in the rebuilt inputs (or an error too large for a float) is the
+    # worst drift there is; NaN compares false with everything, so it is ranked first here
+    errors = [
+        e if math.isfinite(e) else math.inf for e in relative_errors(sample(rebuilt), samples)
+    ]
     worst = max(range(len(errors)), key=errors.__getitem__, default=None)
     if worst is not None and errors[worst] > threshold:
         stream = 1 if worst < n else 2
+        error = (
+            f"relative error {errors[worst]:.2e}"
+            if math.isfinite(errors[worst])
+            else "a NaN or infinite error"
+        )
         warnings.warn(
             f"block {index}: its input x{stream} at {names[worst % n]} was rebuilt in backward "
-            f"with relative error {errors[worst]:.2e} (check_drift={threshold:g}), so its "
+            f"with {error} (check_drift={threshold:g}), so its "
             "gradients are off by as much. Hint: find the ill-conditioned block with "
             "revtree.testing.reconstruction_errors; store it with reversible=[..., False, "
             "...], train in higher precision, or tame its outputs.",

@@ -18,8 +18,7 @@ from ._context import Context, Route
 from ._errors import RevtreeError
 from ._function import Stack
 from ._layout import Layout
-from ._state import running
-from ._steps import StepInputs, forward_step
+from ._steps import StepInputs, forward_step, inverse_step
 from .codecs import Codec, Split
 from .couplings import Additive, Coupling, Elementwise
 
@@ -261,19 +260,10 @@ class ReversibleSequence(nn.Module):
                 )
         y1, y2 = layout.encode(_trees.flatten(y, self.namespace)[0])
         context = Context.build(kwargs, self.route, self.namespace)
-        f_kwargs, g_kwargs = context.rebuild(context.tensors)
-        spec = layout.spec
-        t1, t2 = spec.unflatten(y1), spec.unflatten(y2)
+        inputs = StepInputs.build(layout, self.namespace, self.coupling, context, context.tensors)
         for index in reversed(range(len(self.blocks))):
-            block = self.blocks[index]
-            with running(index, recomputing=False):
-                t1, t2 = self.coupling.inverse(
-                    lambda tree, b=block: b.f(tree, **f_kwargs),
-                    lambda tree, b=block: b.g(tree, **g_kwargs),
-                    t1,
-                    t2,
-                )
-        x1, x2 = _trees.flatten(t1, self.namespace)[0], _trees.flatten(t2, self.namespace)[0]
+            y1, y2 = inverse_step(self.blocks[index], index, y1, y2, inputs)
+        x1, x2 = y1, y2
         return layout.decode(x1, x2)
 
     def plan(self, x: Any, /, **kwargs: Any) -> MemoryPlan:

@@ -101,7 +101,13 @@ class _Bound:
         out = self.module(tree, **kwargs)
         names = _names(tree, spec, inputs)
         check_unchanged(which, index, streams, names, watched, inputs.context)
-        if inputs.coupling.updates_like_input:
+        coupling = inputs.coupling
+        if isinstance(coupling, Elementwise) and spec == inputs.layout.spec:
+            # arity trees shaped like the input, leaf i of each matching input leaf i
+            arity = coupling.arity
+            expected = inputs.update_spec
+            _check_like(out, leaves * arity, expected, names * arity, which, index, inputs)
+        elif coupling.updates_like_input:
             _check_like(out, leaves, spec, names, which, index, inputs)
         return out
 
@@ -122,13 +128,14 @@ def _check_like(
     index: int,
     inputs: StepInputs,
 ) -> None:
-    """Raise unless ``out`` has the structure of the input and a tensor of its shape per leaf."""
+    """Raise unless ``out`` has the structure ``spec``, each leaf a tensor shaped as its input."""
     out_leaves, out_spec = _trees.flatten(out, inputs.namespace)
     if _trees.differ(out_spec, spec):
         raise RevtreeError(
-            f"block {index}: {which} returned a pytree of structure {out_spec}, but its input "
-            f"has structure {spec}. Hint: {which} must return a pytree with the structure of "
-            "its input (same keys, same nesting, one tensor per leaf)."
+            f"block {index}: {which} returned a pytree of structure {out_spec}, where "
+            f"{spec} is expected. Hint: {which} must return a pytree with the structure of "
+            "its input (same keys, same nesting, one tensor per leaf), or for a coupling "
+            "taking several updates, a tuple of them."
         )
     for name, y, x in zip(names, out_leaves, leaves):
         if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.device != x.device:
@@ -194,6 +201,23 @@ def _leaves_like(tree: Any, like: Leaves, inputs: StepInputs, index: int) -> Lea
                 "its input's shape and dtype."
             )
     return leaves
+
+
+def inverse_step(
+    block: Block, index: int, y1: Leaves, y2: Leaves, inputs: StepInputs
+) -> tuple[Leaves, Leaves]:
+    """Undo one block with its coupling's ``inverse``, under whatever autograd mode is on.
+
+    ``f`` and ``g`` are checked as in the forward (no input or keyword tensor modified in
+    place; for a coupling whose updates are shaped like their input, that structure and
+    shape), and the inputs it returns against the outputs' structure, shapes and dtypes.
+    """
+    spec, coupling = inputs.layout.spec, inputs.coupling
+    f = _Bound("f", index, block.f, inputs, ())
+    g = _Bound("g", index, block.g, inputs, ())
+    with running(index, recomputing=False), _coupling_errors(coupling, "inverse", index):
+        x1, x2 = coupling.inverse(f, g, spec.unflatten(y1), spec.unflatten(y2))
+    return _leaves_like(x1, y1, inputs, index), _leaves_like(x2, y2, inputs, index)
 
 
 # ------------------------------------------------------------------------------------ reverse

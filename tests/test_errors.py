@@ -224,6 +224,34 @@ def test_generic_coupling_f_modifies_its_input_in_place():
     _raises(r"block 1: f modified its input leaf x\['a'\]", seq, {"a": t(2, 4)})
 
 
+def _raises_in_inverse(match, seq, y):
+    before = [(v.clone(), v._version) for v in optree.tree_leaves(y)]
+    with pytest.raises(revtree.RevtreeError, match=match):
+        seq.inverse(y)
+    for v, (value, version) in zip(optree.tree_leaves(y), before):
+        assert torch.equal(v, value) and v._version == version
+
+
+@pytest.mark.parametrize("coupling", [Additive(), Momentum()], ids=repr)
+def test_inverse_names_the_block_whose_f_returns_another_structure(coupling):
+    seq = revtree.ReversibleSequence([(_ok(), _ok()), (_ok(), _ok())], coupling=coupling)
+    y = seq({"a": t(2, 4)})
+    seq.blocks[1].f = Returns(lambda x, w: {"other": x["a"] * w})
+    _raises_in_inverse(r"block 1: f returned a pytree of structure .*'other'.*Hint", seq, y)
+
+
+@pytest.mark.parametrize("coupling", [Additive(), Momentum()], ids=repr)
+def test_inverse_names_the_block_whose_g_modifies_its_input_in_place(coupling):
+    def inplace(x, w):
+        x["a"].mul_(2)
+        return {"a": x["a"] * w}
+
+    seq = revtree.ReversibleSequence([(_ok(), _ok()), (_ok(), _ok())], coupling=coupling)
+    y = seq({"a": t(2, 4)})
+    seq.blocks[0].g = Returns(inplace)
+    _raises_in_inverse(r"block 0: g modified its input leaf x\['a'\]", seq, y)
+
+
 class Broken(Coupling):
     """A user's coupling whose forward fails on what f returns."""
 

@@ -176,6 +176,16 @@ def test_drift_guard_warns_naming_the_block():
     assert "block 2:" in str(seen[0].message)
 
 
+def test_drift_guard_reports_a_nan_reconstruction():
+    # block 2 adds inf: the blocks above carry it, and rebuilding gives inf - inf = NaN
+    seq = _drift_stack(float("inf"))
+    x = [torch.randn(16, 16, requires_grad=True)]
+    match = r"block [2-4]: its input x[12] at x\[0\] .* a NaN or infinite error"
+    with pytest.warns(revtree.RevtreeWarning, match=match) as seen:
+        seq(x)[0].sum().backward()
+    assert len(seen) == 1
+
+
 def test_drift_guard_is_quiet_on_a_well_conditioned_stack():
     seq = _drift_stack(1.0)
     x = [torch.randn(16, 16, requires_grad=True)]
