@@ -98,15 +98,20 @@ class _Bound:
         kwargs, keywords = inputs.keywords(which)
         leaves, spec = _trees.flatten(tree, inputs.namespace)
         streams, watched = Versions(leaves), Versions(keywords)
-        out = self.module(tree, **kwargs)
+        try:
+            out = self.module(tree, **kwargs)
+        except Exception as e:  # f's own error: passed on as raised, not as the coupling's
+            setattr(e, _FROM_BLOCK, True)
+            raise
         names = _names(tree, spec, inputs)
         check_unchanged(which, index, streams, names, watched, inputs.context)
         coupling = inputs.coupling
         if isinstance(coupling, Elementwise) and spec == inputs.layout.spec:
-            # arity trees shaped like the input, leaf i of each matching input leaf i
-            arity = coupling.arity
+            # arity trees like the input, each leaf a tensor; combine checks that an update
+            # keeps its stream's shape (a broadcast update is fine, as in the forward)
             expected = inputs.update_spec
-            _check_like(out, leaves * arity, expected, names * arity, which, index, inputs)
+            n = coupling.arity
+            _check_like(out, leaves * n, expected, names * n, which, index, inputs, shapes=False)
         elif coupling.updates_like_input:
             _check_like(out, leaves, spec, names, which, index, inputs)
         return out
@@ -127,10 +132,14 @@ def _check_like(
     which: str,
     index: int,
     inputs: StepInputs,
+    shapes: bool = True,
 ) -> None:
-    """Raise unless ``out`` has the structure ``spec``, each leaf a tensor shaped as its input."""
-    out_leaves, out_spec = _trees.flatten(out, inputs.namespace)
-    if _trees.differ(out_spec, spec):
+    """Raise unless ``out`` has the structure ``spec`` and a tensor at every leaf.
+
+    With ``shapes``, each tensor must also have its input leaf's shape and device.
+    """
+    out_leaves, out_spec = _trees.leaves_as(out, spec, inputs.namespace)
+    if out_spec is not spec and _trees.differ(out_spec, spec):
         raise RevtreeError(
             f"block {index}: {which} returned a pytree of structure {out_spec}, where "
             f"{spec} is expected. Hint: {which} must return a pytree with the structure of "
@@ -138,7 +147,9 @@ def _check_like(
             "taking several updates, a tuple of them."
         )
     for name, y, x in zip(names, out_leaves, leaves):
-        if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.device != x.device:
+        if not isinstance(y, torch.Tensor) or (
+            shapes and (y.shape != x.shape or y.device != x.device)
+        ):
             raise RevtreeError(
                 f"block {index}: {which} returned {_trees.describe(y)} at {name} for an input "
                 f"leaf of {_trees.describe(x)} on {x.device}. Hint: {which} must return, for "
@@ -166,14 +177,23 @@ def _forward_generic(
     return y1, y2, (f_states, g_states) if record else None
 
 
+_FROM_BLOCK = "_revtree_from_block"  # marks an exception raised inside f or g
+
+
 @contextmanager
 def _coupling_errors(coupling: Coupling, method: str, index: int) -> Iterator[None]:
-    """Name the block and the coupling in an error a generic coupling's method raises."""
+    """Name the block and the coupling in an error a generic coupling's method raises.
+
+    Errors raised inside ``f`` or ``g`` themselves, and running out of memory, pass as
+    they are.
+    """
     try:
         yield
     except RevtreeError:
         raise
     except (ValueError, TypeError, RuntimeError) as e:
+        if getattr(e, _FROM_BLOCK, False) or isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
         reason = str(e).split("\n", 1)[0]
         reason = reason if len(reason) <= 300 else reason[:300] + "..."
         raise RevtreeError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -110,3 +111,13 @@ def test_reconstruction_errors_find_the_ill_conditioned_momentum_block():
     assert drift[2].local > 1e-3 and drift[0].accumulated > 1e-3
     assert all(d.local < 1e-5 for d in drift if d.index != 2)
     assert drift[3].accumulated < 1e-5
+
+
+def test_drift_guard_ignores_what_the_forward_made_non_finite():
+    nan = float("nan")
+    exact = [torch.tensor([1.0, nan, 2.0]), torch.tensor([float("inf"), 1.0, 1.0])]
+    # the forward's own NaN and inf, rebuilt as NaN: nothing finite was lost
+    same = [torch.tensor([1.0, nan, 2.0]), torch.tensor([nan, 1.0, 1.0])]
+    assert relative_errors(same, exact) == [0.0, 0.0]
+    lost = [torch.tensor([nan, nan, 2.0]), torch.tensor([nan, 1.0, 1.0])]
+    assert math.isnan(relative_errors(lost, exact)[0])

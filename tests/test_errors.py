@@ -252,6 +252,19 @@ def test_inverse_names_the_block_whose_g_modifies_its_input_in_place(coupling):
     _raises_in_inverse(r"block 0: g modified its input leaf x\['a'\]", seq, y)
 
 
+@pytest.mark.parametrize("coupling", [Additive(), Momentum()], ids=repr)
+def test_inverse_passes_an_error_raised_inside_f_as_it_is(coupling):
+    def fails(x, w):
+        raise RuntimeError("f's own failure")
+
+    seq = revtree.ReversibleSequence([(_ok(), _ok())], coupling=coupling)
+    y = seq({"a": t(2, 4)})
+    seq.blocks[0].f = Returns(fails)
+    with pytest.raises(RuntimeError, match="^f's own failure$") as caught:
+        seq.inverse(y)
+    assert not isinstance(caught.value, revtree.RevtreeError)
+
+
 class Broken(Coupling):
     """A user's coupling whose forward fails on what f returns."""
 

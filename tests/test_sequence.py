@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections import OrderedDict
 
 import optree
 import pytest
@@ -452,3 +453,31 @@ def test_broadcast_update_is_accepted_as_plain_autograd_accepts_it():
         y = seq(x)
         grads[reversible] = torch.autograd.grad(y.pow(2).sum(), [x, *seq.parameters()])
     assert_trees_close(list(grads[True]), list(grads[False]))
+    with torch.no_grad():  # and the stack is undone as it was run
+        assert_trees_close(seq.inverse(seq(x)), x)
+
+
+def test_a_mapping_is_matched_by_its_keys():
+    """f may return a dict for an OrderedDict half-stream: leaves are matched by key."""
+
+    class DictMixer(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            self.net = TreeMixer([2, 2], seed=seed)
+
+        def forward(self, x):
+            out = self.net(x)  # an OrderedDict in, a plain dict with the keys reversed out
+            return {k: out[k] for k in reversed(list(out))}
+
+    blocks = [(DictMixer(i), DictMixer(10 + i)) for i in range(3)]
+    x = OrderedDict(b=t(3, 4), a=t(3, 4, seed=1))
+    grads = {}
+    for reversible in (True, False):
+        seq = revtree.ReversibleSequence(blocks, reversible=reversible)
+        y = seq(x)
+        assert isinstance(y, OrderedDict) and list(y) == ["b", "a"]
+        loss = (y["a"] * 2 + y["b"]).pow(2).sum()
+        grads[reversible] = torch.autograd.grad(loss, [*x.values(), *seq.parameters()])
+    assert_trees_close(list(grads[True]), list(grads[False]))
+    with torch.no_grad():
+        assert_trees_close(seq.inverse(seq(x)), x)
