@@ -199,7 +199,7 @@ def call(
     out = module(layout.spec.unflatten(leaves), **kwargs)
     check_unchanged(which, index, streams, layout.names, watched, inputs.context)
     out_leaves, out_spec = _trees.leaves_as(out, expected, inputs.namespace)
-    if out_spec is not expected and _trees.differ(out_spec, expected):
+    if _trees.differ(out_spec, expected):
         wanted = (
             "a pytree with the structure of its input (same keys, same nesting, one tensor per "
             "leaf)"

@@ -263,8 +263,7 @@ class ReversibleSequence(nn.Module):
         inputs = StepInputs.build(layout, self.namespace, self.coupling, context, context.tensors)
         for index in reversed(range(len(self.blocks))):
             y1, y2 = inverse_step(self.blocks[index], index, y1, y2, inputs)
-        x1, x2 = y1, y2
-        return layout.decode(x1, x2)
+        return layout.decode(y1, y2)
 
     def plan(self, x: Any, /, **kwargs: Any) -> MemoryPlan:
         """The memory plan for an input like ``x``: which blocks store, and what they cost.

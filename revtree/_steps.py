@@ -67,13 +67,18 @@ def _forward_elementwise(
     return y1, y2, (f_state, g_state) if record else None
 
 
+_FROM_BLOCK = "_revtree_from_block"  # marks an exception raised inside f or g
+
+
 class _Bound:
-    """``f`` or ``g`` with its keyword arguments bound, for a generic coupling to call.
+    """``f`` or ``g`` with its keyword arguments bound, for a coupling's own methods to call.
 
     Records the generator state before each call, or replays recorded states in order.
     Checks every call as the elementwise path does: no input leaf or keyword tensor
-    modified in place and, for a coupling whose updates are shaped like their input
-    (``Coupling.updates_like_input``), an output of that structure and those shapes.
+    modified in place; for an elementwise coupling, its ``arity`` trees of the input's
+    structure (``combine`` checks the shapes); for a coupling whose updates are shaped like
+    their input (``Coupling.updates_like_input``), that structure and those shapes. An
+    error ``f`` or ``g`` raises passes on as raised.
     """
 
     def __init__(
@@ -139,7 +144,7 @@ def _check_like(
     With ``shapes``, each tensor must also have its input leaf's shape and device.
     """
     out_leaves, out_spec = _trees.leaves_as(out, spec, inputs.namespace)
-    if out_spec is not spec and _trees.differ(out_spec, spec):
+    if _trees.differ(out_spec, spec):
         raise RevtreeError(
             f"block {index}: {which} returned a pytree of structure {out_spec}, where "
             f"{spec} is expected. Hint: {which} must return a pytree with the structure of "
@@ -177,9 +182,6 @@ def _forward_generic(
     return y1, y2, (f_states, g_states) if record else None
 
 
-_FROM_BLOCK = "_revtree_from_block"  # marks an exception raised inside f or g
-
-
 @contextmanager
 def _coupling_errors(coupling: Coupling, method: str, index: int) -> Iterator[None]:
     """Name the block and the coupling in an error a generic coupling's method raises.
@@ -205,8 +207,8 @@ def _coupling_errors(coupling: Coupling, method: str, index: int) -> Iterator[No
 
 def _leaves_like(tree: Any, like: Leaves, inputs: StepInputs, index: int) -> Leaves:
     """The leaves of a coupling's output stream, checked against its input stream."""
-    leaves, spec = _trees.flatten(tree, inputs.namespace)
     layout = inputs.layout
+    leaves, spec = _trees.leaves_as(tree, layout.spec, inputs.namespace)
     if _trees.differ(spec, layout.spec):
         raise RevtreeError(
             f"block {index}: {inputs.coupling!r} returned a stream of structure {spec}, but "
@@ -228,9 +230,8 @@ def inverse_step(
 ) -> tuple[Leaves, Leaves]:
     """Undo one block with its coupling's ``inverse``, under whatever autograd mode is on.
 
-    ``f`` and ``g`` are checked as in the forward (no input or keyword tensor modified in
-    place; for a coupling whose updates are shaped like their input, that structure and
-    shape), and the inputs it returns against the outputs' structure, shapes and dtypes.
+    ``f`` and ``g`` are checked as ``_Bound`` checks them, and the inputs the coupling
+    returns against the outputs' structure, shapes and dtypes.
     """
     spec, coupling = inputs.layout.spec, inputs.coupling
     f = _Bound("f", index, block.f, inputs, ())

@@ -72,10 +72,12 @@ def broadcast_prefix(prefix: Any, tree: Any, namespace: str, what: str) -> list[
 def differ(spec: PyTreeSpec, expected: PyTreeSpec) -> bool:
     """Whether two structures differ; never while ``torch.compile`` traces.
 
+    The same object (as ``leaves_as`` returns when the tree fits) is settled at once.
+
     Dynamo replaces optree with its own pytree code while it traces, and its structures do
     not compare equal to optree's: the check runs in eager mode only.
     """
-    return not torch.compiler.is_compiling() and spec != expected
+    return spec is not expected and not torch.compiler.is_compiling() and spec != expected
 
 
 def describe(leaf: Any) -> str:
