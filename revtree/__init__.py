@@ -6,6 +6,7 @@ Activation memory flat in depth, gradients exactly those of plain autograd.
 from . import codecs as codecs
 from . import couplings as couplings
 from ._block import Block as Block
+from ._block import Fn as Fn
 from ._budget import MemoryPlan as MemoryPlan
 from ._errors import RevtreeError as RevtreeError
 from ._errors import RevtreeWarning as RevtreeWarning
@@ -15,6 +16,7 @@ from ._state import is_recomputing as is_recomputing
 
 __all__ = [
     "Block",
+    "Fn",
     "MemoryPlan",
     "ReversibleSequence",
     "RevtreeError",

@@ -19,10 +19,12 @@ from itertools import chain, groupby
 from typing import Any
 
 import torch
+from torch import nn
 
 from . import _buffers, _rng
-from ._block import Block, StepInputs
-from ._steps import forward_step
+from ._block import Block
+from ._call import Call
+from ._step import Step
 
 
 @dataclass(frozen=True)
@@ -128,36 +130,37 @@ def choose(
 
 
 def measure(
-    blocks: Sequence[Block],
+    call: Call,
+    blocks: Sequence[tuple[int, Block]],
     x1: list[torch.Tensor],
     x2: list[torch.Tensor],
-    inputs: StepInputs,
     held: Iterable[torch.Tensor],
-    buffered: list[torch.nn.Module],
+    owner: nn.Module,
 ) -> tuple[list[int], list[float]]:
     """Run every block once with autograd on; return its activation bytes and its time.
 
     Nothing is kept: the saved-tensors hook counts each tensor autograd would save and lets
-    it go with the block; the random generators and the modules' buffers are put back
+    it go with the block; the random generators and the buffers of ``owner`` are put back
     afterwards. A second, warm run of each block gives its time.
     """
     exempt = {t.untyped_storage().data_ptr() for t in held}
     sizes: list[int] = []
     seconds: list[float] = []
-    devices = _rng.cuda_devices(chain(x1, x2))
+    forward = call.strategy.forward
     x1 = [t.detach().requires_grad_() for t in x1]
     x2 = [t.detach().requires_grad_() for t in x2]
-    with _rng.preserved(devices), _buffers.kept(buffered), torch.enable_grad():
-        for index, block in enumerate(blocks):
+    generators = _rng.generators_for(chain(x1, x2))
+    with _rng.preserved(generators), _buffers.kept(owner), torch.enable_grad():
+        for index, block in blocks:
             counter = _Counter(exempt)
             with torch.autograd.graph.saved_tensors_hooks(counter.pack, _unpack):
-                y1, y2, _ = forward_step(block, index, x1, x2, inputs)
+                y1, y2 = forward(Step(call, index, block), x1, x2)
             sizes.append(counter.size)
             del counter
             # timed again, warm: the first run pays for lazy initialisation and allocation
             with torch.autograd.graph.saved_tensors_hooks(_drop, _unpack):
                 start = time.perf_counter()
-                forward_step(block, index, x1, x2, inputs)
+                forward(Step(call, index, block), x1, x2)
                 seconds.append(time.perf_counter() - start)
             x1 = [t.detach().requires_grad_() for t in y1]
             x2 = [t.detach().requires_grad_() for t in y2]

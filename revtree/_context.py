@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import torch
 from optree import PyTreeSpec
@@ -12,12 +12,28 @@ from optree import PyTreeSpec
 from . import _trees
 from ._errors import RevtreeError
 
-Route = Literal["f", "g", "both"]
+Route = Union[Literal["f", "g", "both"], tuple[bool, bool]]  # noqa: UP007 (a runtime alias)
+"""Which of ``f`` and ``g`` receive the keyword arguments of a call: ``"f"``, ``"g"``,
+``"both"``, or a pair of booleans ``(to_f, to_g)`` (reformer-pytorch's ``arg_route``)."""
+
 ROUTES: dict[str, tuple[bool, bool]] = {
     "f": (True, False),
     "g": (False, True),
     "both": (True, True),
 }
+
+
+def parse_route(route: Any) -> tuple[bool, bool]:
+    """``(to_f, to_g)`` for a route, or a ``RevtreeError`` naming the ones there are."""
+    if isinstance(route, tuple) and len(route) == 2 and all(isinstance(r, bool) for r in route):
+        return route
+    if isinstance(route, str) and route in ROUTES:
+        return ROUTES[route]
+    raise RevtreeError(
+        f"route={route!r} is not one of {sorted(ROUTES)} or a pair of booleans. "
+        "Hint: route='f' sends keyword arguments to f only, 'g' to g only, 'both' to both; "
+        "(to_f, to_g) says it per function."
+    )
 
 
 @dataclass(frozen=True)
@@ -26,7 +42,7 @@ class Context:
 
     Tensor leaves anywhere in the keyword pytree become inputs of the autograd
     Function (so they get exact gradients through it); every other leaf is kept as
-    it is. ``rebuild`` puts a new set of tensors (e.g. detached copies) back in.
+    it is. ``rebuild`` puts a new set of tensors (copies, detached aliases) back in.
     """
 
     spec: PyTreeSpec
@@ -36,22 +52,9 @@ class Context:
     to_g: bool
 
     @classmethod
-    def build(
-        cls, kwargs: dict[str, Any], route: Route | tuple[bool, bool], namespace: str
-    ) -> Context:
-        """Flatten ``kwargs`` and note where its tensors are.
-
-        ``route`` is ``"f"``, ``"g"`` or ``"both"``, or a pair of booleans ``(to_f, to_g)``.
-        """
-        if isinstance(route, tuple) and len(route) == 2:
-            to_f, to_g = map(bool, route)
-        elif route in ROUTES:
-            to_f, to_g = ROUTES[route]
-        else:
-            raise RevtreeError(
-                f"route={route!r} is not one of {sorted(ROUTES)}. "
-                "Hint: route='f' sends keyword arguments to f only, 'g' to g only, 'both' to both."
-            )
+    def build(cls, kwargs: dict[str, Any], route: Route, namespace: str) -> Context:
+        """Flatten ``kwargs`` and note where its tensors are."""
+        to_f, to_g = parse_route(route)
         leaves, spec = _trees.flatten(kwargs, namespace)
         positions = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
         return cls(spec, tuple(leaves), positions, to_f, to_g)
@@ -67,6 +70,8 @@ class Context:
 
     def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The keyword arguments for ``f`` and for ``g``, with ``tensors`` put in."""
+        if not self.leaves:
+            return {}, {}
         leaves = list(self.leaves)
         for position, tensor in zip(self.positions, tensors):
             leaves[position] = tensor

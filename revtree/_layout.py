@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,7 @@ from optree import PyTreeSpec
 
 from . import _trees
 from ._errors import RevtreeError
-from .codecs import Codec, KeyPath
+from .codecs import Codec, KeyPath, Split
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,25 @@ class Layout:
         return self.spec.unflatten(
             [c.decode(a, b, p) for c, p, a, b in zip(self.codecs, self.paths, y1, y2)]
         )
+
+    def hint(self, halves: list[torch.Tensor], message: str, which: str) -> str | None:
+        """A hint for an error raised inside ``f`` or ``g`` on the half-streams ``halves``.
+
+        The commonest first mistake is a function built for a ``Split`` leaf's full width:
+        when the error's message names a full width where the half-stream has half, say so.
+        """
+        if "shape" not in message and "size" not in message:
+            return None
+        numbers = set(re.findall(r"\d+", message))
+        for name, codec, half in zip(self.names, self.codecs, halves):
+            if isinstance(codec, Split) and isinstance(half, torch.Tensor) and half.dim():
+                size = half.shape[codec.dim]
+                if str(2 * size) in numbers:
+                    full = list(half.shape)
+                    full[codec.dim] = 2 * size
+                    return (
+                        f"Hint: {which} receives half of each Split leaf: {name} has shape "
+                        f"{tuple(half.shape)} in the half-stream, {tuple(full)} in the input; "
+                        f"build {which} for the half (or give that leaf Duplicate())."
+                    )
+        return None

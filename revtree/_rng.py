@@ -1,64 +1,132 @@
-"""Capture and replay of the random number generators a block draws from.
+"""The random generators a block draws from: captured before each call, replayed in its recompute.
 
-Dropout in a recomputed block must draw the masks it drew in the forward pass.
-As in ``torch.utils.checkpoint``, the state of the CPU generator and of every CUDA
-device in use is captured before each call and set again for its recomputation;
-the generators are restored afterwards, so that the global stream continues where
-plain autograd leaves it. Nothing is ever reseeded.
+Dropout in a recomputed block must draw the masks it drew in the forward pass. As in
+``torch.utils.checkpoint``, the default generator of the CPU and of every accelerator device
+that holds one of the call's tensors is captured before each call of ``f`` and ``g``, and
+set again for its recomputation. Device types are found from the tensors and their
+generators asked of ``torch.get_device_module``: CUDA, XPU, MPS or any other accelerator
+alike. Backward puts the generators back as it found them, so the global random stream
+continues where plain autograd leaves it. Nothing is ever reseeded.
+
+A generator that ``f`` creates or holds itself (``torch.Generator()`` passed to
+``torch.rand``) is not among these and is not replayed; nor is Python's ``random``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-RngState = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
+State = tuple[torch.Tensor, ...]
 
 
-def cuda_devices(tensors: Iterable[torch.Tensor]) -> tuple[int, ...]:
-    """The indices of the CUDA devices that hold any of ``tensors``."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return ()
-    return tuple(sorted({t.get_device() for t in tensors if t.is_cuda}))
+class _ModuleGenerator:
+    """A device's default generator, through its module, where the module lists none."""
+
+    __slots__ = ("device", "module")
+
+    def __init__(self, module: Any, device: torch.device) -> None:
+        self.module, self.device = module, device
+
+    def get_state(self) -> torch.Tensor:
+        return self.module.get_rng_state(self.device)
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.module.set_rng_state(state, self.device)
+
+    def manual_seed(self, seed: int) -> None:
+        with self.module.device(self.device):
+            self.module.manual_seed(seed)
 
 
-def capture(devices: tuple[int, ...]) -> RngState:
-    """The current state of the CPU generator and of the given CUDA devices' generators."""
-    return torch.get_rng_state(), tuple(torch.cuda.get_rng_state(d) for d in devices)
+def _default_generator(device: torch.device) -> Any:
+    module = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else module.current_device()
+    defaults = getattr(module, "default_generators", None)
+    if defaults:
+        return defaults[index]
+    return _ModuleGenerator(module, torch.device(device.type, index))
 
 
-def _set(state: RngState, devices: tuple[int, ...]) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    for device, device_state in zip(devices, cuda):
-        torch.cuda.set_rng_state(device_state, device)
+class Generators:
+    """The default generators of the CPU and of some accelerator devices, captured and set as one.
 
-
-@contextmanager
-def preserved(devices: tuple[int, ...]) -> Iterator[None]:
-    """Restore the generators on exit to the state they had on entry."""
-    state = capture(devices)
-    try:
-        yield
-    finally:
-        _set(state, devices)
-
-
-@contextmanager
-def replayed(state: RngState | None, devices: tuple[int, ...]) -> Iterator[None]:
-    """Set the generators to ``state`` (a no-op for ``None``) for the duration of the context.
-
-    Must run inside [`preserved`][revtree._rng.preserved], which puts the
-    caller's generator state back at the end.
+    Example:
+        >>> import torch
+        >>> from revtree._rng import Generators
+        >>> generators = Generators(())
+        >>> state = generators.capture()
+        >>> a = torch.rand(2)
+        >>> generators.set(state)
+        >>> torch.equal(torch.rand(2), a)
+        True
     """
-    if state is not None:
-        _set(state, devices)
-    yield
+
+    __slots__ = ("devices", "generators")
+
+    def __init__(self, devices: tuple[torch.device, ...]) -> None:
+        self.devices = devices
+        self.generators = [torch.default_generator, *map(_default_generator, devices)]
+
+    def capture(self) -> State:
+        """The state of every generator."""
+        return tuple(g.get_state() for g in self.generators)
+
+    def set(self, state: State) -> None:
+        """Set every generator to ``state``."""
+        for generator, s in zip(self.generators, state):
+            generator.set_state(s)
 
 
-def replay_now(state: RngState | None, devices: tuple[int, ...]) -> None:
-    """Set the generators to ``state`` (a no-op for ``None``); the caller restores them later."""
-    if state is not None:
-        _set(state, devices)
+_cache: dict[tuple[torch.device, ...], Generators] = {}
+
+
+def generators_for(tensors: Iterable[torch.Tensor]) -> Generators:
+    """The generators of the CPU and of the accelerator devices holding any of ``tensors``."""
+    devices = tuple(sorted({t.device for t in tensors if t.device.type not in _HOSTS}, key=str))
+    generators = _cache.get(devices)
+    if generators is None:
+        generators = _cache[devices] = Generators(devices)
+    return generators
+
+
+_HOSTS = frozenset({"cpu", "meta"})
+
+
+class preserved:  # noqa: N801 (a context manager, like contextlib's)
+    """Put ``generators`` back, on exit, in the state they had on entry."""
+
+    __slots__ = ("generators", "state")
+
+    def __init__(self, generators: Generators) -> None:
+        self.generators = generators
+
+    def __enter__(self) -> None:
+        self.state = self.generators.capture()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.generators.set(self.state)
+
+
+def every_generator() -> Generators:
+    """The generators of the CPU and of every device of the accelerator in use.
+
+    Unlike the engine, which knows the devices its tensors live on, a check cannot tell
+    which devices a model draws from, so it takes all. An accelerator not yet initialised
+    is left alone (touching it would initialise it).
+    """
+    accelerator = getattr(torch, "accelerator", None)
+    current = accelerator.current_accelerator() if accelerator is not None else None
+    if current is None or current.type in _HOSTS:
+        return generators_for(())
+    module = torch.get_device_module(current.type)
+    if hasattr(module, "is_initialized") and not module.is_initialized():
+        return generators_for(())
+    count = module.device_count()
+    devices = tuple(torch.device(current.type, i) for i in range(count))
+    generators = _cache.get(devices)
+    if generators is None:
+        generators = _cache[devices] = Generators(devices)
+    return generators

@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from itertools import chain, groupby
 from typing import Any
 
 import torch
 from optree import PyTreeSpec
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import _trees
 from ._block import Block, as_block
 from ._budget import MemoryPlan, choose, measure
-from ._context import Context, Route
+from ._buffers import Policy
+from ._call import Call
+from ._context import Route, parse_route
 from ._errors import RevtreeError
-from ._function import Stack
+from ._function import Tape
 from ._layout import Layout
-from ._steps import StepInputs, forward_step, inverse_step
+from ._step import Step
+from ._strategies import Strategy, strategy_for
 from .codecs import Codec, Split
 from .couplings import Additive, Coupling, Elementwise
+
+Leaves = list[torch.Tensor]
 
 _LAYOUT_CACHE_SIZE = 32
 
@@ -90,7 +95,9 @@ class ReversibleSequence(nn.Module):
 
     def __init__(
         self,
-        blocks: Sequence[Block | tuple[nn.Module, nn.Module]],
+        blocks: Sequence[
+            Block | tuple[nn.Module | Callable[..., Any], nn.Module | Callable[..., Any]]
+        ],
         *,
         codec: Codec | Any = Split(-1),
         coupling: Coupling = Additive(),
@@ -105,25 +112,78 @@ class ReversibleSequence(nn.Module):
         self.blocks = nn.ModuleList([as_block(i, b) for i, b in enumerate(blocks)])
         self._layouts: dict[PyTreeSpec, Layout] = {}
         self.codec = codec
-        if not isinstance(coupling, Coupling):
-            raise RevtreeError(
-                f"coupling={coupling!r} is not a revtree Coupling. Hint: use "
-                "revtree.couplings.Additive(), Affine(), Momentum() or a Coupling subclass."
-            )
         self.coupling = coupling
         self.reversible = reversible
         self.route = route
+        if not isinstance(preserve_rng_state, bool):
+            raise RevtreeError(
+                f"preserve_rng_state={preserve_rng_state!r} is not a bool. Hint: True replays "
+                "the random generators in the recomputation (dropout), False skips it."
+            )
         self.preserve_rng_state = preserve_rng_state
         self.check_drift = check_drift
-        if not memory_budget >= 0:
-            raise RevtreeError(
-                f"memory_budget={memory_budget!r} is not a number of bytes >= 0. Hint: 0 "
-                "recomputes every block, float('inf') stores every block's activations."
-            )
         self.memory_budget = memory_budget
         self._plans: dict[tuple, MemoryPlan] = {}
         self._measured: dict[tuple, tuple[list[int], list[float]]] = {}
         self.namespace = namespace
+        # what the engine learns of the blocks as they run (not state: never saved)
+        self._buffer_policy = Policy()
+        self._verified: set[tuple[int, int]] = set()
+        self._materialised = False
+
+    @property
+    def coupling(self) -> Coupling:
+        """How ``f`` and ``g`` combine with the streams; setting it applies from the next call."""
+        return self._strategy.coupling
+
+    @coupling.setter
+    def coupling(self, value: Coupling) -> None:
+        if not isinstance(value, Coupling):
+            raise RevtreeError(
+                f"coupling={value!r} is not a revtree Coupling. Hint: use "
+                "revtree.couplings.Additive(), Affine(), Momentum() or a Coupling subclass."
+            )
+        self._strategy: Strategy = strategy_for(value)
+
+    @property
+    def route(self) -> Route:
+        """Which of ``f`` and ``g`` receive the keyword arguments of a call."""
+        return self._route
+
+    @route.setter
+    def route(self, value: Route) -> None:
+        parse_route(value)
+        self._route = value
+
+    @property
+    def check_drift(self) -> float | None:
+        """The relative reconstruction error past which backward warns; ``None``: no check."""
+        return self._check_drift
+
+    @check_drift.setter
+    def check_drift(self, value: float | None) -> None:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0
+        ):
+            raise RevtreeError(
+                f"check_drift={value!r} is not a relative error >= 0 or None. Hint: e.g. "
+                "check_drift=1e-4 warns when a block's inputs are rebuilt 1e-4 off."
+            )
+        self._check_drift = None if value is None else float(value)
+
+    @property
+    def memory_budget(self) -> float:
+        """Bytes of activations the stack may store beyond the fully reversible stack's."""
+        return self._memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise RevtreeError(
+                f"memory_budget={value!r} is not a number of bytes >= 0. Hint: 0 "
+                "recomputes every block, float('inf') stores every block's activations."
+            )
+        self._memory_budget = value
 
     @property
     def codec(self) -> Codec | Any:
@@ -259,10 +319,9 @@ class ReversibleSequence(nn.Module):
                     "to invert the sequence."
                 )
         y1, y2 = layout.encode(_trees.flatten(y, self.namespace)[0])
-        context = Context.build(kwargs, self.route, self.namespace)
-        inputs = StepInputs.build(layout, self.namespace, self.coupling, context, context.tensors)
+        call = Call.build(self, layout, kwargs, self.route)
         for index in reversed(range(len(self.blocks))):
-            y1, y2 = inverse_step(self.blocks[index], index, y1, y2, inputs)
+            y1, y2 = self._strategy.inverse(Step(call, index, self.blocks[index]), y1, y2)
         return layout.decode(y1, y2)
 
     def plan(self, x: Any, /, **kwargs: Any) -> MemoryPlan:
@@ -290,14 +349,13 @@ class ReversibleSequence(nn.Module):
             >>> sum(plan.stored), plan.used_bytes <= 40_000
             (2, True)
         """
-        streams = self._streams(x, kwargs, self.route)
-        return self._plan(streams)
+        call, x1, x2 = self._call(x, kwargs, self.route)
+        return self._plan(call, x1, x2)
 
-    def _plan(self, streams: _Streams) -> MemoryPlan:
-        x1, x2, context = streams.x1, streams.x2, streams.inputs.context
-        assert context is not None
+    def _plan(self, call: Call, x1: Leaves, x2: Leaves) -> MemoryPlan:
+        context = call.context
         signature = (
-            streams.inputs.layout.spec,
+            call.layout.spec,
             self.training,
             tuple((t.shape, t.dtype, t.device) for t in chain(x1, x2)),
             tuple((t.shape, t.dtype) for t in context.tensors),
@@ -308,9 +366,8 @@ class ReversibleSequence(nn.Module):
         if plan is None:
             measured = self._measured.get(signature)
             if measured is None:
-                held = [*self.parameters(), *self.buffers(), *context.tensors, *streams.leaves]
-                buffered = [m for m in self.modules() if m._buffers]
-                measured = measure(self.blocks, x1, x2, streams.inputs, held, buffered)
+                held = [*self.parameters(), *self.buffers(), *context.tensors]
+                measured = measure(call, list(enumerate(self.blocks)), x1, x2, held, self)
                 _remember(self._measured, signature, measured)
             sizes, seconds = measured
             stream_bytes = sum(t.numel() * t.element_size() for t in chain(x1, x2))
@@ -321,22 +378,6 @@ class ReversibleSequence(nn.Module):
             _remember(self._plans, key, plan)
         return plan
 
-    def _streams(
-        self, x: Any, kwargs: dict[str, Any], route: Route | tuple[bool, bool]
-    ) -> _Streams:
-        """Flatten and encode ``x`` and the keyword arguments of one call."""
-        layout = self._layout(x)
-        leaves, _ = _trees.flatten(x, self.namespace)
-        x1, x2 = layout.encode(leaves)
-        context = Context.build(kwargs, route, self.namespace)
-        inputs = StepInputs.build(layout, self.namespace, self.coupling, context, context.tensors)
-        # f (and a generic coupling) must not see the caller's storage: were it to modify
-        # its input in place, the error raised would come too late for the caller's tensors
-        x2 = [t.clone() for t in x2]
-        if not isinstance(self.coupling, Elementwise):
-            x1 = [t.clone() for t in x1]
-        return _Streams(leaves, x1, x2, inputs)
-
     def _layout(self, x: Any) -> Layout:
         spec = optree_structure(x, self.namespace)
         layout = self._layouts.get(spec)
@@ -345,59 +386,76 @@ class ReversibleSequence(nn.Module):
             _remember(self._layouts, spec, layout)
         return layout
 
+    def _call(
+        self, x: Any, kwargs: dict[str, Any], route: Route
+    ) -> tuple[Call, Leaves, Leaves] | None:
+        """The call on ``x``, and its two encoded half-streams (``None``: an empty input).
+
+        ``f`` (and a generic coupling) must not see the caller's storage: were it to modify
+        its input in place, the error raised would come too late for the caller's tensors.
+        """
+        leaves, spec = _trees.flatten(x, self.namespace)
+        layout = self._layouts.get(spec) or self._layout(x)
+        x1, x2 = layout.encode(leaves)
+        call = Call.build(self, layout, kwargs, route)
+        if not leaves:
+            return call, x1, x2
+        x2 = [t.clone() for t in x2]
+        if not isinstance(self.coupling, Elementwise):
+            x1 = [t.clone() for t in x1]
+        return call, x1, x2
+
+    @torch.compiler.disable
     def _run(
         self,
         x: Any,
         kwargs: dict[str, Any],
-        route: Route | tuple[bool, bool],
+        route: Route,
         indices: Sequence[int] | None = None,
     ) -> Any:
         """Run the blocks ``indices`` (all, by default) in order."""
-        streams = self._streams(x, kwargs, route)
-        x1, x2, inputs = streams.x1, streams.x2, streams.inputs
-        layout, context = inputs.layout, inputs.context
-        assert context is not None
-        if not streams.leaves:
-            return layout.decode(x1, x2)
+        call, x1, x2 = self._call(x, kwargs, route)
+        if not x1:
+            return call.layout.decode(x1, x2)
         indices = range(len(self.blocks)) if indices is None else indices
-        flags = self._reversible
-        if self.memory_budget and torch.is_grad_enabled():
-            if self.memory_budget == float("inf"):
-                flags = (False,) * len(flags)
-            else:
-                stored = self._plan(streams).stored
-                flags = tuple(r and not s for r, s in zip(flags, stored))
-        for reversible, group in groupby(indices, key=flags.__getitem__):
-            run = list(group)
-            blocks = [self.blocks[i] for i in run]
-            stack = None
-            if reversible and torch.is_grad_enabled():
-                stack = Stack.build(
-                    blocks,
-                    run,
-                    layout,
-                    self.namespace,
-                    self.coupling,
-                    context,
-                    self.preserve_rng_state,
-                    self.check_drift,
-                )
-            if stack is not None and stack.needs_grad(x1, x2):
-                x1, x2 = stack.run(x1, x2)
-            else:  # plain autograd, or nothing needs a gradient: store nothing, capture nothing
-                for index, block in zip(run, blocks):
-                    x1, x2, _ = forward_step(block, index, x1, x2, inputs)
-        return layout.decode(x1, x2)
+        flags = self._stored_flags(call, x1, x2)
+        for stored, group in groupby(indices, key=flags.__getitem__):
+            blocks = [(i, self.blocks[i]) for i in group]
+            if not stored:
+                if call.autocast is None:
+                    call.record([*x1, *x2], self.preserve_rng_state)
+                x1, x2 = Tape(call).run(blocks, x1, x2)
+            else:  # plain autograd, or no gradient at all
+                for index, block in blocks:
+                    x1, x2 = call.strategy.forward(Step(call, index, block), x1, x2)
+        return call.layout.decode(x1, x2)
+
+    def _stored_flags(self, call: Call, x1: Leaves, x2: Leaves) -> tuple[bool, ...]:
+        """For each block, whether it runs with plain autograd in this call.
+
+        Every block does without a gradient; under autograd, those built with
+        ``reversible=False``, those the memory budget stores, and those with modules still
+        to be materialised (lazy modules run once, as plain autograd, on their first call).
+        """
+        if not torch.is_grad_enabled():
+            return (True,) * len(self.blocks)
+        stored = tuple(not r for r in self._reversible)
+        if self.memory_budget == float("inf"):
+            return (True,) * len(stored)
+        if self.memory_budget:
+            plan = self._plan(call, x1, x2).stored
+            stored = tuple(a or b for a, b in zip(stored, plan))
+        if not self._materialised:
+            lazy = tuple(_is_lazy(b) for b in self.blocks)
+            self._materialised = not any(lazy)
+            stored = tuple(a or b for a, b in zip(stored, lazy))
+        return stored
 
 
-@dataclass
-class _Streams:
-    """One call's input leaves, its two encoded half-streams, and what the blocks share."""
-
-    leaves: list[Any]
-    x1: list[torch.Tensor]
-    x2: list[torch.Tensor]
-    inputs: StepInputs
+def _is_lazy(module: nn.Module) -> bool:
+    return any(
+        isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in module.modules()
+    )
 
 
 def _remember(cache: dict, key: Any, value: Any) -> None:

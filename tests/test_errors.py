@@ -105,8 +105,8 @@ def test_integer_leaf_in_the_input():
 def test_block_that_is_not_a_pair():
     with pytest.raises(revtree.RevtreeError, match="block 1 is Linear, not a pair"):
         revtree.ReversibleSequence([(_ok(), _ok()), nn.Linear(2, 2)])
-    with pytest.raises(revtree.RevtreeError, match="block 0 is tuple"):
-        revtree.ReversibleSequence([(_ok(), lambda x: x)])
+    with pytest.raises(revtree.RevtreeError, match=r"block 0 is a tuple of 2 \(Returns, int\)"):
+        revtree.ReversibleSequence([(_ok(), 3)])
 
 
 def test_bad_route_and_flags():
@@ -260,7 +260,7 @@ def test_inverse_passes_an_error_raised_inside_f_as_it_is(coupling):
     seq = revtree.ReversibleSequence([(_ok(), _ok())], coupling=coupling)
     y = seq({"a": t(2, 4)})
     seq.blocks[0].f = Returns(fails)
-    with pytest.raises(RuntimeError, match="^f's own failure$") as caught:
+    with pytest.raises(RuntimeError, match=r"^f's own failure(\n|$)") as caught:
         seq.inverse(y)
     assert not isinstance(caught.value, revtree.RevtreeError)
 

@@ -144,7 +144,7 @@ def test_same_tensor_twice_in_the_input():
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_no_grad_stores_nothing_and_captures_no_rng(mode, monkeypatch):
     calls = []
-    monkeypatch.setattr(_rng, "capture", lambda *a: calls.append(a) or None)
+    monkeypatch.setattr(_rng.Generators, "capture", lambda *a: calls.append(a) or None)
     x = {"a": t(2, 4)}
     seq, blocks, codecs = _seq_for(x, depth=3, dropout=0.5)
     with mode():
@@ -346,7 +346,7 @@ def test_no_reference_cycles_keep_the_graph_alive():
     gc.disable()
     y = seq(x)
     node = y.grad_fn.next_functions[0][0]  # the reversible Function's node
-    ref = weakref.ref(node.stack)
+    ref = weakref.ref(node.tape)
     y.sum().backward()
     del y, node
     gc.disable()

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import torch
 
+from .._errors import RevtreeError
 from ._base import Elementwise
 
 
@@ -35,8 +36,11 @@ class Affine(Elementwise):
     arity: ClassVar[int] = 2
 
     def __init__(self, bound: float = 2.0) -> None:
-        if not bound > 0:
-            raise ValueError(f"Affine(bound={bound}): the bound must be positive")
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0:
+            raise RevtreeError(
+                f"Affine(bound={bound!r}): the bound must be a positive number. Hint: e.g. "
+                "Affine(bound=2.0) keeps every scale within [exp(-2), exp(2)]."
+            )
         self.bound = float(bound)
 
     def scale(self, log_scale: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,9 @@ class Coupling(abc.ABC):
     def forward(self, f: Fn, g: Fn, x1: Tree, x2: Tree) -> tuple[Tree, Tree]:
         """Map the input half-streams to the output half-streams."""
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
     @abc.abstractmethod
     def inverse(self, f: Fn, g: Fn, y1: Tree, y2: Tree) -> tuple[Tree, Tree]:
         """Map the output half-streams back to the input half-streams."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import optree
 import torch
 
+from .._errors import RevtreeError
 from ._base import Coupling, Fn, Tree
 
 
@@ -34,8 +35,11 @@ class Momentum(Coupling):
     updates_like_input = True
 
     def __init__(self, gamma: float = 0.9) -> None:
-        if not 0 < gamma <= 1:
-            raise ValueError(f"Momentum(gamma={gamma}): gamma must lie in (0, 1]")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+            raise RevtreeError(
+                f"Momentum(gamma={gamma!r}): gamma must lie in (0, 1]. Hint: keep it near 1 "
+                "(e.g. 0.9): the inverse divides by gamma at every step."
+            )
         self.gamma = float(gamma)
 
     def _step(self, h: Fn, x: Tree, v: Tree) -> tuple[Tree, Tree]:

@@ -15,7 +15,7 @@ import optree
 import torch
 from torch import nn
 
-from .. import _rng, _trees
+from .. import _buffers, _rng, _trees
 from .._sequence import ReversibleSequence
 
 
@@ -113,13 +113,13 @@ def compare_gradients(
     sources.update({n: p for n, p in seq.named_parameters() if p.requires_grad})
 
     saved = seq.reversible
-    devices = rng_devices()
+    generators = _rng.every_generator()
     grads = {}
     try:
         for reversible in (True, False):
             seq.reversible = reversible
-            with isolated(seq, devices):
-                _seed(seed, devices)
+            with isolated(seq, generators):
+                _seed(seed, generators)
                 value = loss(seq(x, **kwargs))
                 grads[reversible] = torch.autograd.grad(
                     value, list(sources.values()), allow_unused=True, retain_graph=True
@@ -146,80 +146,15 @@ def _format(path: tuple[Any, ...]) -> str:
     return "".join(f"[{key!r}]" for key in path)
 
 
-def _seed(seed: int, devices: tuple[int, ...]) -> None:
+def _seed(seed: int, generators: _rng.Generators) -> None:
     # not torch.manual_seed: it reseeds every CUDA device too, or, before CUDA starts,
     # queues that reseeding for when it does; neither would be undone
-    torch.default_generator.manual_seed(seed)
-    for device in devices:
-        torch.cuda.default_generators[device].manual_seed(seed)
-
-
-def rng_devices() -> tuple[int, ...]:
-    """The CUDA devices whose generators a check must fork: all, once CUDA is initialised.
-
-    As in ``revtree._rng``, an uninitialised CUDA is left alone (touching it would
-    initialise it); unlike the engine, which knows the devices its tensors live on, a
-    check cannot tell which devices the model draws from, so it takes every one.
-    """
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return ()
-    return tuple(range(torch.cuda.device_count()))
+    for generator in generators.generators:
+        generator.manual_seed(seed)
 
 
 @contextmanager
-def isolated(module: nn.Module, devices: tuple[int, ...]) -> Iterator[None]:
-    """Restore, on exit, the buffers of ``module`` and the CPU and ``devices``' generators."""
-    with _rng.preserved(devices), kept_buffers(module):
+def isolated(module: nn.Module, generators: _rng.Generators) -> Iterator[None]:
+    """Leave the buffers of ``module`` and the ``generators`` as they were, on exit."""
+    with _rng.preserved(generators), _buffers.kept(module):
         yield
-
-
-_MISSING = object()
-
-
-@contextmanager
-def kept_buffers(module: nn.Module) -> Iterator[None]:
-    """Put the buffers of ``module`` and of its submodules back as they were, on exit.
-
-    A run in training mode updates buffers in place (batch norm's running statistics) or
-    by assignment (``self.count = self.count + 1``, which leaves a new tensor in the
-    module's slot): each slot gets its own tensor object back, with its own values, and a
-    buffer registered during the run is removed. Unchanged buffers are not written to.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> from revtree.testing._gradients import kept_buffers
-        >>> bn = nn.BatchNorm1d(2)
-        >>> with kept_buffers(bn):
-        ...     _ = bn(torch.randn(4, 2))
-        >>> bn.num_batches_tracked.item(), bn.running_mean.tolist()
-        (0, [0.0, 0.0])
-    """
-    saved = [
-        (
-            m,
-            dict(m._buffers),
-            set(m._non_persistent_buffers_set),
-            {
-                name: b.clone()
-                for name, b in m._buffers.items()
-                if b is not None and not b.is_inference()  # these cannot change in place
-            },
-        )
-        for m in module.modules()
-    ]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, slots, non_persistent, values in saved:
-                for name in [name for name in m._buffers if name not in slots]:
-                    del m._buffers[name]
-                for name, buffer in slots.items():
-                    if m._buffers.get(name, _MISSING) is not buffer:
-                        m._buffers[name] = buffer
-                    value = values.get(name)
-                    if value is not None and not torch.equal(buffer, value):
-                        buffer.copy_(value)
-                m._non_persistent_buffers_set.clear()
-                m._non_persistent_buffers_set.update(non_persistent)

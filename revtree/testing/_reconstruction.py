@@ -7,14 +7,12 @@ from typing import Any
 
 import torch
 
-from .. import _trees
-from .._context import Context
+from .. import _rng, _trees
+from .._call import Call
 from .._drift import relative_errors
 from .._sequence import ReversibleSequence
-from .._state import running
-from .._steps import StepInputs, _Bound, forward_step
-from ..couplings import Elementwise
-from ._gradients import isolated, kept_buffers, rng_devices
+from .._step import Backward, Step
+from ._gradients import isolated
 
 
 @dataclass(frozen=True)
@@ -55,9 +53,9 @@ def reconstruction_errors(seq: ReversibleSequence, x: Any, /, **kwargs: Any) -> 
     them as backward would, with the forward's random states replayed. A block whose
     ``local`` error is large is ill-conditioned (e.g. a near-zero affine scale, a momentum
     ``gamma`` far below 1); a steadily growing ``accumulated`` error warns of drift at depth
-    before training diverges. Each block is rebuilt from the buffers the forward left, as
-    in backward. The model's buffers (batch norm statistics) and the CPU and CUDA random
-    generators end as they were.
+    before training diverges. Each block is rebuilt as backward rebuilds it, from the
+    random states, buffers and parameters its forward read. The model's buffers (batch
+    norm statistics) and the random generators end as they were.
 
     Args:
         seq: The sequence.
@@ -78,50 +76,27 @@ def reconstruction_errors(seq: ReversibleSequence, x: Any, /, **kwargs: Any) -> 
         True
     """
     layout = seq._layout(x)
-    context = Context.build(kwargs, seq.route, seq.namespace)
-    inputs = StepInputs.build(layout, seq.namespace, seq.coupling, context, context.tensors)
-    devices = rng_devices()
-    with torch.no_grad(), isolated(seq, devices):
+    call = Call.build(seq, layout, kwargs, seq.route)
+    strategy = call.strategy
+    with torch.no_grad(), isolated(seq, _rng.every_generator()):
         x1, x2 = layout.encode(_trees.flatten(x, seq.namespace)[0])
-        stored, states = [], []
+        call.record([*x1, *x2], preserve_rng=True)
+        positions: dict[int, int] = {}
+        sources: list[torch.Tensor] = []
+        inputs, steps = [], []
         for index, block in enumerate(seq.blocks):
-            stored.append((x1, x2))
-            x1, x2, block_states = forward_step(
-                block, index, x1, x2, inputs, record=True, devices=devices
-            )
-            states.append(block_states)
-        outputs = [None] * len(seq.blocks)
-        for index in range(len(seq.blocks)):
-            outputs[index] = stored[index + 1] if index + 1 < len(seq.blocks) else (x1, x2)
-
+            inputs.append((x1, x2))
+            step = Step(call, index, block, record=(positions, sources))
+            x1, x2 = strategy.forward(step, x1, x2)
+            steps.append(step)
+        outputs = [*inputs[1:], (x1, x2)]
+        # rebuilt as backward rebuilds them: the forward's random states, buffers and tensors
+        back = Backward(call, sources, call.context.tensors, verify=False)
         drift = []
         y1, y2 = x1, x2
         for index in reversed(range(len(seq.blocks))):
-            block, exact = seq.blocks[index], stored[index]
-            with kept_buffers(block):
-                local = _invert(seq, index, *outputs[index], inputs, states[index], devices)
-            with kept_buffers(block):
-                y1, y2 = _invert(seq, index, y1, y2, inputs, states[index], devices)
+            step, exact = steps[index], inputs[index]
+            local = strategy.inverse(step, *outputs[index], back)
+            y1, y2 = strategy.inverse(step, y1, y2, back)
             drift.append(BlockDrift(index, _error(local, exact), _error((y1, y2), exact)))
     return drift[::-1]
-
-
-def _invert(
-    seq: ReversibleSequence,
-    index: int,
-    y1: list,
-    y2: list,
-    inputs: StepInputs,
-    states: Any,
-    devices: tuple[int, ...],
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    block, spec = seq.blocks[index], inputs.layout.spec
-    if isinstance(seq.coupling, Elementwise):
-        f_states, g_states = [states[0]], [states[1]]
-    else:
-        f_states, g_states = states
-    f = _Bound("f", index, block.f, inputs, devices, replay=reversed(f_states))
-    g = _Bound("g", index, block.g, inputs, devices, replay=reversed(g_states))
-    with running(index, recomputing=True):
-        t1, t2 = seq.coupling.inverse(f, g, spec.unflatten(y1), spec.unflatten(y2))
-    return _trees.flatten(t1, seq.namespace)[0], _trees.flatten(t2, seq.namespace)[0]

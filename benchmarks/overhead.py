@@ -1,0 +1,206 @@
+"""Host work per block: what a training step costs beyond plain autograd when kernels cost nothing.
+
+With tiny tensors every kernel is almost free, so a step's time is the Python and dispatch
+work of the system that runs it, as it is on a GPU whose launches outpace the host. Each
+system computes the same function (``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)`` per block) with
+the same weights, timed interleaved in one process (A B C A B C ...), medians.
+
+Workloads:
+
+tiny    MLP pairs ``LayerNorm -> Linear(8, 32) -> GELU -> Linear(32, 8)`` on one ``(1, 4, 16)``
+        tensor split on the last axis; depth 32.
+leaves  8 leaves ``(1, 2, 4, 2l + 1)``, ``tanh(w * x)`` per leaf (the peers benchmark's
+        workload c), as a flat dict of degrees and as a nested pytree; depth 16.
+
+Printed per system: microseconds per block per training step (forward + loss + backward),
+its excess over plain autograd, and that excess less one no-grad forward of plain (the
+recomputation every reversible engine and checkpointing do by design).
+
+Usage:
+    python benchmarks/overhead.py              # ~1 minute
+    python benchmarks/overhead.py --quick      # fewer rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+from _measure import interleaved_medians
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import revtree
+from revtree.codecs import Degree, Duplicate
+
+
+def mlp(d: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+
+class LeafScale(nn.Module):
+    """``tanh(w * x)`` on each leaf of any pytree, ``w`` a parameter per leaf."""
+
+    def __init__(self, d: int, n_leaves: int) -> None:
+        super().__init__()
+        self.w = nn.ParameterList(nn.Parameter(torch.randn(d, 1) / 2) for _ in range(n_leaves))
+
+    def forward(self, x: Any) -> Any:
+        xs, spec = optree.tree_flatten(x)
+        return spec.unflatten([torch.tanh(v * w) for v, w in zip(xs, self.w)])
+
+
+def couple(f: nn.Module, g: nn.Module, x1: Any, x2: Any) -> tuple[Any, Any]:
+    """One plain-autograd block over any tree."""
+    y1 = optree.tree_map(torch.add, x1, f(x2))
+    return y1, optree.tree_map(torch.add, x2, g(y1))
+
+
+class Plain(nn.Module):
+    """Plain autograd (or one non-reentrant checkpoint per block) with a codec of our own."""
+
+    def __init__(self, pairs: list, encode: Callable, decode: Callable, ckpt: bool) -> None:
+        super().__init__()
+        self.pairs = nn.ModuleList(nn.ModuleList(p) for p in pairs)
+        self.encode, self.decode, self.ckpt = encode, decode, ckpt
+
+    def forward(self, x: Any) -> Any:
+        x1, x2 = self.encode(x)
+        for f, g in self.pairs:
+            if self.ckpt:
+                x1, x2 = checkpoint(couple, f, g, x1, x2, use_reentrant=False)
+            else:
+                x1, x2 = couple(f, g, x1, x2)
+        return self.decode(x1, x2)
+
+
+def nest(x: dict[int, torch.Tensor]) -> dict[str, Any]:
+    v = list(x.values())
+    return {"atoms": {0: v[0], 1: v[1]}, "edges": (v[2], {"a": v[3], "b": v[4]}), "rest": v[5:]}
+
+
+def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = x.chunk(2, -1)
+    return a, b
+
+
+def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cat((a, b), -1)
+
+
+def duplicate(x: Any) -> tuple[Any, Any]:
+    return x, x
+
+
+def mean(a: Any, b: Any) -> Any:
+    return optree.tree_map(lambda u, v: (u + v) / 2, a, b)
+
+
+def systems(workload: str, depth: int, compile_: bool) -> tuple[dict[str, nn.Module], Any]:
+    torch.manual_seed(0)
+    if workload == "tiny":
+        pairs = [(mlp(8), mlp(8)) for _ in range(depth)]
+        x: Any = torch.randn(1, 4, 16, requires_grad=True)
+        enc, dec, codec = split, cat, None
+    else:
+        pairs = [(LeafScale(4, 8), LeafScale(4, 8)) for _ in range(depth)]
+        x = {k: torch.randn(1, 2, 4, 2 * k + 1, requires_grad=True) for k in range(8)}
+        if workload == "nested":
+            x = nest(x)
+        enc, dec = duplicate, mean
+        codec = Degree() if workload == "leaves" else Duplicate()
+    kw = {} if codec is None else {"codec": codec}
+    out: dict[str, nn.Module] = {
+        "plain": Plain(copy.deepcopy(pairs), enc, dec, ckpt=False),
+        "checkpoint": Plain(copy.deepcopy(pairs), enc, dec, ckpt=True),
+        "revtree": revtree.ReversibleSequence(copy.deepcopy(pairs), **kw),
+    }
+    if compile_:
+        out["revtree compile"] = revtree.ReversibleSequence(
+            copy.deepcopy(pairs), compile=True, **kw
+        )
+    if workload == "tiny":
+        try:
+            import revtorch
+        except ImportError:
+            print("skipped: RevTorch is not installed (pip install revtorch)", file=sys.stderr)
+        else:
+            blocks = [revtorch.ReversibleBlock(f, g, split_along_dim=-1) for f, g in pairs]
+            out["RevTorch"] = revtorch.ReversibleSequence(nn.ModuleList(copy.deepcopy(blocks)))
+    return out, x
+
+
+def step(model: nn.Module, x: Any) -> None:
+    y = model(x)
+    loss = sum(leaf.square().sum() for leaf in optree.tree_leaves(y))
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def forward(model: nn.Module, x: Any) -> None:
+    with torch.no_grad():
+        model(x)
+
+
+def run(workload: str, depth: int, repeats: int, compile_: bool) -> None:
+    models, x = systems(workload, depth, compile_)
+    tasks: dict[tuple[str, str], Callable[[], object]] = {}
+    for name, model in models.items():
+        tasks[name, "step"] = lambda m=model: step(m, x)
+        tasks[name, "forward"] = lambda m=model: forward(m, x)
+    for name, model in models.items():  # warm-up (compiles the compiled engine)
+        start = time.perf_counter()
+        step(model, x)
+        if name == "revtree compile":
+            print(f"  first step of the compiled engine: {time.perf_counter() - start:.1f} s")
+    times = interleaved_medians(tasks, repeats, warmup=list(tasks))
+    us = {k: v / depth * 1e6 for k, v in times.items()}
+    plain, plain_fwd = us["plain", "step"], us["plain", "forward"]
+    print(
+        f"{'system':<16} {'us/block':>9} {'- plain':>8} {'x plain':>8} {'- recompute':>12}"
+        f" {'fwd us/block':>13}"
+    )
+    for name in models:
+        s = us[name, "step"]
+        print(
+            f"{name:<16} {s:>9.0f} {s - plain:>8.0f} {s / plain:>8.2f} "
+            f"{s - plain - plain_fwd:>12.0f} {us[name, 'forward']:>13.0f}"
+        )
+    if "RevTorch" in models:
+        ours, theirs = us["revtree", "step"] - plain, us["RevTorch", "step"] - plain
+        print(f"  revtree excess / RevTorch excess: {ours / theirs:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--compile", action="store_true", help="also the compiled engine")
+    parser.add_argument(
+        "--workloads", nargs="+", default=["tiny", "leaves", "nested"], help="which to run"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+    repeats = args.repeats or (11 if args.quick else 41)
+    print(
+        f"revtree {revtree.__version__}, torch {torch.__version__}, {args.threads} thread(s), "
+        f"CPU, float32; {repeats} interleaved rounds, medians; pid {os.getpid()}"
+    )
+    for workload in args.workloads:
+        depth = 32 if workload == "tiny" else 16
+        print(f"\n{workload}, depth {depth}")
+        run(workload, depth, repeats, args.compile)
+
+
+if __name__ == "__main__":
+    main()

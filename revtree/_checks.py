@@ -1,0 +1,334 @@
+"""Every check on what ``f``, ``g`` and a coupling do, each in one wording.
+
+The functions here state the fact; the location comes from one place, ``where``, as
+``"block 3: f"``. Checks run on every call except the structure reads, which are fast when
+the structure is the expected one (``_trees.leaves_as``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import torch
+from optree import PyTreeSpec
+
+from . import _trees
+from ._errors import RevtreeError
+
+Leaves = list[torch.Tensor]
+
+
+def where(index: int, who: str) -> str:
+    """The location of a problem, as every message starts: ``"block 3: f"``."""
+    return f"block {index}: {who}"
+
+
+def fail(index: int, who: str, message: str) -> NoReturn:
+    """Raise the ``RevtreeError`` for ``message``, located at ``who`` of block ``index``."""
+    raise RevtreeError(f"{where(index, who)} {message}") from None
+
+
+# ------------------------------------------------------------------------- in place
+
+
+def versions(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """The version counters of ``tensors`` (-1 for an inference tensor, which has none)."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:
+        return [-1 if t.is_inference() else t._version for t in tensors]
+
+
+def modified(tensors: Sequence[torch.Tensor], before: list[int]) -> int | None:
+    """The position of the first tensor modified in place since ``before``, if any."""
+    if versions(tensors) == before:
+        return None
+    return next(k for k, (t, v) in enumerate(zip(tensors, before)) if v >= 0 and t._version != v)
+
+
+def input_modified(index: int, which: str, name: str, leaf: torch.Tensor) -> NoReturn:
+    """``f`` or ``g`` modified a leaf of its half-stream in place."""
+    fail(
+        index,
+        which,
+        f"modified its input leaf {name} ({_trees.describe(leaf)}) in place, so the block's "
+        f"inputs cannot be reconstructed from its outputs. Hint: use out-of-place operations "
+        f"on the input in {which} (e.g. x = x * 2, not x *= 2).",
+    )
+
+
+def keyword_modified(index: int, which: str, name: str, tensor: torch.Tensor) -> NoReturn:
+    """``f`` or ``g`` modified a tensor of its keyword arguments in place."""
+    fail(
+        index,
+        which,
+        f"modified the keyword tensor {name} ({_trees.describe(tensor)}) in place; a reversible "
+        f"block runs {which} again during backward, which would see and leave other values. "
+        f"Hint: compute a new tensor in {which} (e.g. c = c * 2, not c *= 2).",
+    )
+
+
+def stream_modified(index: int, coupling: Any, name: str, leaf: torch.Tensor) -> NoReturn:
+    """A coupling modified one of its input streams in place."""
+    fail(
+        index,
+        repr(coupling),
+        f"modified its input stream at {name} ({_trees.describe(leaf)}) in place, so the "
+        "block cannot be recomputed from its outputs. Hint: build the coupling's outputs "
+        "out of place (optree.tree_map(torch.add, x1, u), not x1.add_(u)).",
+    )
+
+
+def buffer_modified(index: int, which: str, name: str) -> NoReturn:
+    """A buffer recorded without a copy was changed in place after the call read it."""
+    fail(
+        index,
+        which,
+        f"changed its buffer {name!r} in place, which its first call had left as it was, so "
+        "its recomputation would read other values; from now on its buffers are copied before "
+        "each call. Hint: run the step again (a module that sometimes updates a buffer in "
+        "place is best updated on the first call too).",
+    )
+
+
+def parameter_modified(indices: Sequence[int], shape: tuple[int, ...]) -> NoReturn:
+    """A parameter changed between the forward and the backward pass."""
+    raise RevtreeError(
+        f"a parameter of shape {shape} in blocks {indices[0]}..{indices[-1]} was modified in "
+        "place between the forward and the backward pass, so the blocks cannot be "
+        "recomputed. Hint: call optimizer.step() after backward, not before."
+    )
+
+
+# ------------------------------------------------------------------- what f returns
+
+
+def update_leaves(
+    out: Any, expected: PyTreeSpec, layout_spec: PyTreeSpec, namespace: str, index: int, which: str
+) -> Leaves:
+    """The leaves of what ``f`` or ``g`` returned, which must have the structure ``expected``.
+
+    ``expected`` is the half-stream's own structure, or a tuple of them for a coupling that
+    takes several updates (the affine coupling's log-scale and shift).
+    """
+    leaves, spec = _trees.leaves_as(out, expected, namespace)
+    if _trees.differ(spec, expected):
+        wanted = (
+            "a pytree with the structure of its input (same keys, same nesting, one tensor per "
+            "leaf)"
+            if expected == layout_spec
+            else f"{expected}, built from the structure of its input"
+        )
+        fail(
+            index,
+            which,
+            f"returned a pytree of structure {spec}, but its input half-stream has structure "
+            f"{layout_spec}. Hint: {which} must return {wanted}.",
+        )
+    return leaves
+
+
+def like_input(
+    out: Any,
+    leaves: Leaves,
+    spec: PyTreeSpec,
+    names: Sequence[str],
+    namespace: str,
+    index: int,
+    which: str,
+    shapes: bool = True,
+) -> None:
+    """``out`` must have the structure ``spec``, a tensor at every leaf (of the input's shape)."""
+    out_leaves, out_spec = _trees.leaves_as(out, spec, namespace)
+    if _trees.differ(out_spec, spec):
+        fail(
+            index,
+            which,
+            f"returned a pytree of structure {out_spec}, where {spec} is expected. Hint: "
+            f"{which} must return a pytree with the structure of its input (same keys, same "
+            "nesting, one tensor per leaf), or for a coupling taking several updates, a tuple "
+            "of them.",
+        )
+    for name, y, x in zip(names, out_leaves, leaves):
+        if not isinstance(y, torch.Tensor) or (
+            shapes and (y.shape != x.shape or y.device != x.device)
+        ):
+            fail(
+                index,
+                which,
+                f"returned {_trees.describe(y)} at {name} for an input leaf of "
+                f"{_trees.describe(x)} on {x.device}. Hint: {which} must return, for every "
+                "leaf, a tensor of its input's shape on its device.",
+            )
+
+
+def combined(
+    out: Leaves | None,
+    x: Leaves,
+    update: Leaves,
+    combine: Any,
+    names: Sequence[str],
+    index: int,
+    which: str,
+    recomputing: bool = False,
+) -> Leaves:
+    """``out``, the stream ``x`` combined with ``update``, if every leaf kept its shape and dtype.
+
+    Else the error for the first leaf that cannot be combined without changing (a wrong
+    shape, dtype or device, or no tensor at all); ``combine`` is the leafwise combination.
+    The device can only change for a 0-dim leaf (a CPU scalar tensor combines with a CUDA
+    one), so it is compared there only.
+    """
+    if out is not None and all(
+        y.shape == a.shape and y.dtype is a.dtype and (a.shape or y.device == a.device)
+        for y, a in zip(out, x)
+    ):
+        return out
+    n = len(x)
+    when = " in its recomputation" if recomputing else ""
+    for i, (name, a) in enumerate(zip(names, x)):
+        parts = update[i::n]  # leaf i of each of the coupling's update trees
+        for b in parts:
+            if not isinstance(b, torch.Tensor):
+                fail(
+                    index,
+                    which,
+                    f"returned {_trees.describe(b)} at {name}{when}, where the half-stream "
+                    f"holds a tensor of shape {tuple(a.shape)}. Hint: {which} must return a "
+                    "tensor for every leaf.",
+                )
+        try:
+            y, error = combine(a, *parts), None
+        except RuntimeError as e:
+            y, error = None, e
+        if y is None or y.shape != a.shape or y.dtype != a.dtype or y.device != a.device:
+            got = ", ".join(f"{_trees.describe(b)} on {b.device}" for b in parts)
+            fail(
+                index,
+                which,
+                f"returned {got} at {name}{when}, which cannot be combined with the "
+                f"half-stream leaf of {_trees.describe(a)} on {a.device} without changing it"
+                + (f" ({error})" if y is None else "")
+                + f". Hint: {which} must return, for every leaf, a tensor of its input's shape, "
+                "dtype and device (under autocast a lower-precision result is fine).",
+            )
+    fail(
+        index,
+        "combine_leaves",
+        "returned leaves that differ from what combine gives leaf by leaf. Hint: "
+        "combine_leaves must return, for every leaf, combine(x, *update) of that leaf.",
+    )
+
+
+def recompute_differs(index: int, which: str, expected: list[Any], got: list[Any]) -> NoReturn:
+    """A recomputed call returned other shapes or dtypes than its forward call."""
+    k = next(
+        (i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got))
+    )
+    forward = "nothing" if k >= len(expected) else f"shape {tuple(expected[k][0])} {expected[k][1]}"
+    again = "nothing" if k >= len(got) else f"shape {tuple(got[k][0])} {got[k][1]}"
+    fail(
+        index,
+        which,
+        f"returned {again} for leaf {k} of its output in the recomputation, where its forward "
+        f"call returned {forward}, so the block's inputs cannot be rebuilt. Hint: {which} must "
+        "compute the same function when recomputed (revtree.is_recomputing() is for caches, "
+        "not for changing what it returns).",
+    )
+
+
+# ----------------------------------------------------------------- what a coupling returns
+
+
+def stream_leaves(
+    tree: Any, like: Leaves, layout: Any, namespace: str, coupling: Any, index: int
+) -> Leaves:
+    """The leaves of a coupling's output stream, which must match its input stream ``like``."""
+    spec, names = layout.spec, layout.names
+    leaves, out_spec = _trees.leaves_as(tree, spec, namespace)
+    if _trees.differ(out_spec, spec):
+        fail(
+            index,
+            repr(coupling),
+            f"returned a stream of structure {out_spec}, but its input stream has structure "
+            f"{spec}. Hint: a coupling's forward and inverse return two pytrees with the "
+            "structure of their inputs.",
+        )
+    for name, y, x in zip(names, leaves, like):
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
+            fail(
+                index,
+                repr(coupling),
+                f"returned {_trees.describe(y)} at {name} for a stream leaf of "
+                f"{_trees.describe(x)}. Hint: each output leaf must keep its input's shape and "
+                "dtype.",
+            )
+    return leaves
+
+
+def coupling_raised(index: int, coupling: Any, method: str, error: Exception) -> NoReturn:
+    """A coupling's own method raised (not ``f`` or ``g`` inside it)."""
+    reason = str(error).split("\n", 1)[0]
+    reason = reason if len(reason) <= 300 else reason[:300] + "..."
+    raise RevtreeError(
+        f"{where(index, repr(coupling))}.{method} raised {type(error).__name__}: {reason}. Hint: "
+        "f and g must return what the coupling expects of them (for the couplings of "
+        "revtree.couplings, a pytree with the structure and shapes of their input)."
+    ) from error
+
+
+# --------------------------------------------------------------- what f reads beyond
+
+
+def foreign(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> str | None:
+    """A leaf tensor the recomputed ``outputs`` depend on beyond ``inputs``, if any.
+
+    Walks the graph a recomputation just built down to its leaves. A leaf that is none of
+    ``inputs`` (or a leaf upstream of a tensor computed before the block) is a tensor that
+    ``f`` or ``g`` reached some other way (a closure, a global, a module attribute that is
+    no parameter), and that the recomputation cannot give a gradient.
+    """
+    known = {id(t) for t in inputs}
+    # an input computed inside the recomputation (a generic coupling's intermediate tree)
+    # ends the walk where it was computed
+    seen = {id(t.grad_fn) for t in inputs if t.grad_fn is not None}
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None:  # AccumulateGrad: a leaf
+            if id(variable) not in known:
+                return f"a tensor of {_trees.describe(variable)}"
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return None
+
+
+def foreign_found(index: int, which: str, what: str) -> NoReturn:
+    """``f`` or ``g`` reads a tensor that needs a gradient but is none of its inputs."""
+    fail(
+        index,
+        which,
+        f"depends on {what} that requires grad but is neither its input, a parameter or buffer "
+        "of its modules, nor a keyword argument of the call (a closure, a global, or a tensor "
+        "kept as a plain attribute?); the recomputation cannot give it a gradient. Hint: pass "
+        "it as a keyword argument (seq(x, name=tensor)) or register it as an nn.Parameter.",
+    )
+
+
+# ----------------------------------------------------------------- errors inside f or g
+
+
+def note(error: BaseException, index: int, which: str, shapes: str, hint: str | None) -> None:
+    """Say, on an exception raised inside ``f`` or ``g``, where it was raised and on what."""
+    text = f"revtree: raised in {where(index, which)}, called on half-stream leaves {shapes}"
+    if hint:
+        text += f". {hint}"
+    if hasattr(error, "add_note"):
+        error.add_note(text)
+    else:  # Python 3.10: kept where 3.11's traceback would print it
+        error.__notes__ = [*getattr(error, "__notes__", []), text]  # type: ignore[attr-defined]

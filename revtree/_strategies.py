@@ -1,0 +1,360 @@
+"""How a block runs forward, in reverse and inverted: one strategy per kind of coupling.
+
+``ElementwiseStrategy`` serves the couplings of the form ``y1 = combine(x1, f(x2))``,
+``y2 = combine(x2, g(y1))`` (``Additive``, ``Affine``): its reverse step rebuilds a
+block's inputs and back-propagates through it in one pass, ``g`` and then ``f`` each run
+once with autograd on, so a block costs one extra forward in all (the 4/3 floor of
+reversible networks). ``GenericStrategy`` serves any other coupling (``Momentum``, your
+own): its reverse step inverts the block with the coupling's ``inverse``, then runs its
+``forward`` again with autograd on (5/3). The strategy is chosen once per coupling
+(``strategy_for``); nothing else in the engine asks which kind a coupling is.
+
+Gradients are taken with the autograd engine, accumulated into ``.grad`` of detached
+leaves that the strategy owns (the rebuilt streams, and the aliases of ``Backward``):
+the leaves are never the caller's, and ``torch.autograd.grad`` around the whole step sees
+nothing of it. Accumulating, rather than capturing as ``torch.autograd.grad`` does, lets
+hooks that ask the engine which nodes will run (``FlopCounterMode``'s module tracker) work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.overrides import has_torch_function
+
+from . import _checks, _trees
+from ._errors import RevtreeError
+from ._step import WHO, Backward, Step
+from .couplings import Additive, Coupling, Elementwise
+
+Leaves = list[torch.Tensor]
+Grads = list[Any]  # tensors, or None where no gradient flows
+
+
+class Strategy:
+    """A block forward, in reverse (rebuilding its inputs and their gradients) and inverted."""
+
+    arity = 1  # how many pytrees f and g return
+
+    def __init__(self, coupling: Coupling) -> None:
+        self.coupling = coupling
+
+    def forward(self, step: Step, x1: Leaves, x2: Leaves) -> tuple[Leaves, Leaves]:
+        """The block's output streams (under whatever autograd mode is on)."""
+        raise NotImplementedError
+
+    def reverse(
+        self, step: Step, back: Backward, y1: Leaves, y2: Leaves, dy1: Grads, dy2: Grads
+    ) -> tuple[Leaves, Leaves, Grads, Grads]:
+        """The block's input streams rebuilt from its outputs, and their gradients.
+
+        The gradients of the sources (parameters, keyword tensors) accumulate into
+        ``.grad`` of their aliases in ``back``.
+        """
+        raise NotImplementedError
+
+    def inverse(
+        self, step: Step, y1: Leaves, y2: Leaves, back: Backward | None = None
+    ) -> tuple[Leaves, Leaves]:
+        """The block's input streams for the outputs ``y1``, ``y2``.
+
+        With ``back``, ``f`` and ``g`` replay their recorded forward calls (a recomputation);
+        without, they are simply called.
+        """
+        raise NotImplementedError
+
+
+def strategy_for(coupling: Coupling) -> Strategy:
+    """The strategy for ``coupling``."""
+    if isinstance(coupling, Elementwise):
+        return ElementwiseStrategy(coupling)
+    return GenericStrategy(coupling)
+
+
+# ---------------------------------------------------------------------------- elementwise
+
+
+class ElementwiseStrategy(Strategy):
+    """Couplings ``y = combine(x, *update)``: rebuilt and back-propagated in one pass."""
+
+    def __init__(self, coupling: Elementwise) -> None:
+        super().__init__(coupling)
+        self.elementwise = coupling
+        self.arity = coupling.arity
+        # x + u passes gradients through unchanged (unless a subclass redefines combine)
+        self.additive = (
+            isinstance(coupling, Additive) and type(coupling).combine is Additive.combine
+        )
+
+    def _update(self, step: Step, which: int, out: Any) -> Leaves:
+        call = step.call
+        spec = call.layout.spec
+        return _checks.update_leaves(
+            out, call.update_spec, spec, call.namespace, step.index, WHO[which]
+        )
+
+    def _combine(self, step: Step, which: int, x: Leaves, update: Leaves, undo: bool) -> Leaves:
+        c = self.elementwise
+        out = None
+        if all(isinstance(u, torch.Tensor) for u in update):
+            try:
+                out = c.uncombine_leaves(x, update) if undo else c.combine_leaves(x, update)
+            except (RuntimeError, TypeError):
+                pass
+        leafwise = c.uncombine if undo else c.combine
+        names = step.call.layout.names
+        return _checks.combined(out, x, update, leafwise, names, step.index, WHO[which], undo)
+
+    def forward(self, step: Step, x1: Leaves, x2: Leaves) -> tuple[Leaves, Leaves]:  # noqa: D102
+        unflatten = step.call.layout.spec.unflatten
+        fu = self._update(step, 0, step.forward(0, unflatten(x2), x2))
+        y1 = self._combine(step, 0, x1, fu, undo=False)
+        step.returned(0, fu)
+        del fu
+        gu = self._update(step, 1, step.forward(1, unflatten(y1), y1))
+        y2 = self._combine(step, 1, x2, gu, undo=False)
+        step.returned(1, gu)
+        return y1, y2
+
+    def inverse(  # noqa: D102
+        self, step: Step, y1: Leaves, y2: Leaves, back: Backward | None = None
+    ) -> tuple[Leaves, Leaves]:
+        unflatten = step.call.layout.spec.unflatten
+
+        def call(which: int, leaves: Leaves) -> Any:
+            tree = unflatten(leaves)
+            if back is None:
+                return step.forward(which, tree, leaves)
+            return step.recompute(which, tree, leaves, 0, back)
+
+        gu = self._update(step, 1, call(1, y1))
+        x2 = self._combine(step, 1, y2, gu, undo=True)
+        fu = self._update(step, 0, call(0, x2))
+        return self._combine(step, 0, y1, fu, undo=True), x2
+
+    def reverse(  # noqa: D102
+        self, step: Step, back: Backward, y1: Leaves, y2: Leaves, dy1: Grads, dy2: Grads
+    ) -> tuple[Leaves, Leaves, Grads, Grads]:
+        unflatten = step.call.layout.spec.unflatten
+        c = self.elementwise
+        n = len(y1)
+
+        # g: x2 = uncombine(y2, g(y1)); gradients for y1, x2 and g's sources
+        y1_ = _leaves(y1)
+        with back.autocast:
+            gu = self._update(step, 1, step.recompute(1, unflatten(y1_), y1_, 0, back))
+        step.returned_again(1, 0, gu)
+        with torch.no_grad():
+            x2 = self._combine(step, 1, y2, gu, undo=True)
+        if self.additive:
+            _accumulate(gu, dy2, [*y1_, *step.grad_inputs(1, back)])
+            dx1, dx2 = _plus(dy1, _grads(y1_)), list(dy2)
+        else:
+            x2_ = _leaves(x2)
+            with back.autocast, torch.enable_grad():
+                y2_ = [c.combine(x, *gu[i::n]) for i, x in enumerate(x2_)]
+            _accumulate(y2_, dy2, [*y1_, *x2_, *step.grad_inputs(1, back)])
+            dx1, dx2 = _plus(dy1, _grads(y1_)), _grads(x2_)
+        del gu, y1_
+
+        # f: x1 = uncombine(y1, f(x2)); gradients for x1, x2 and f's sources
+        x2r = _leaves(x2)
+        with back.autocast:
+            fu = self._update(step, 0, step.recompute(0, unflatten(x2r), x2r, 0, back))
+        step.returned_again(0, 0, fu)
+        with torch.no_grad():
+            x1 = self._combine(step, 0, y1, fu, undo=True)
+        if self.additive:
+            _accumulate(fu, dx1, [*x2r, *step.grad_inputs(0, back)])
+            dx2 = _plus(dx2, _grads(x2r))
+        else:
+            x1_ = _leaves(x1)
+            with back.autocast, torch.enable_grad():
+                y1_r = [c.combine(x, *fu[i::n]) for i, x in enumerate(x1_)]
+            _accumulate(y1_r, dx1, [*x1_, *x2r, *step.grad_inputs(0, back)])
+            dx1, dx2 = _grads(x1_), _plus(dx2, _grads(x2r))
+        return x1, x2, dx1, dx2
+
+
+# -------------------------------------------------------------------------------- generic
+
+
+class _Fn:
+    """``f`` or ``g`` with the call bound, as a coupling's own methods call it: on trees.
+
+    In the forward pass it records what each call reads; in a recomputation it replays
+    the recorded calls in ``order``. Every call is checked as the elementwise path checks
+    it: for an elementwise coupling, its ``arity`` trees of the input's structure; for a
+    coupling whose updates are shaped like their input (``updates_like_input``), that
+    structure and those shapes.
+    """
+
+    __slots__ = ("back", "order", "step", "which")
+
+    def __init__(
+        self, step: Step, which: int, back: Backward | None = None, order: Iterable[int] = ()
+    ) -> None:
+        self.step, self.which, self.back, self.order = step, which, back, iter(order)
+
+    def __call__(self, tree: Any) -> Any:
+        step, which = self.step, self.which
+        call = step.call
+        leaves, spec = _trees.flatten(tree, call.namespace)
+        if self.back is None:
+            out = step.forward(which, tree, leaves)
+            step.returned(which, _trees.flatten(out, call.namespace)[0])
+        else:
+            k = next(self.order)
+            out = step.recompute(which, tree, leaves, k, self.back)
+            step.returned_again(which, k, _trees.flatten(out, call.namespace)[0])
+        coupling = call.strategy.coupling
+        names = step._names(tree)
+        if isinstance(coupling, Elementwise) and spec == call.layout.spec:
+            n = coupling.arity
+            expected = call.update_spec
+            _checks.like_input(
+                out, leaves * n, expected, names * n, call.namespace, step.index, WHO[which], False
+            )
+        elif coupling.updates_like_input:
+            _checks.like_input(out, leaves, spec, names, call.namespace, step.index, WHO[which])
+        return out
+
+
+def _raised_inside(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside ``f`` or ``g`` (they carry revtree's note)."""
+    return any(n.startswith("revtree: raised in") for n in getattr(error, "__notes__", ()))
+
+
+class _CouplingErrors:
+    """Name the block and the coupling in an error a generic coupling's method raises.
+
+    Errors raised inside ``f`` or ``g`` themselves, and running out of memory, pass as
+    they are.
+    """
+
+    __slots__ = ("coupling", "index", "method")
+
+    def __init__(self, coupling: Coupling, method: str, index: int) -> None:
+        self.coupling, self.method, self.index = coupling, method, index
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        if error is None or isinstance(error, RevtreeError):
+            return
+        if not isinstance(error, (ValueError, TypeError, RuntimeError)):
+            return
+        if _raised_inside(error) or isinstance(error, torch.OutOfMemoryError):
+            return
+        _checks.coupling_raised(self.index, self.coupling, self.method, error)
+
+
+class GenericStrategy(Strategy):
+    """Any coupling: inverted with its ``inverse``, then run forward again with autograd on."""
+
+    def _apply(
+        self, step: Step, method: str, f: _Fn, g: _Fn, a: Leaves, b: Leaves
+    ) -> tuple[Leaves, Leaves]:
+        call = step.call
+        spec = call.layout.spec
+        before = _checks.versions([*a, *b])
+        with _CouplingErrors(self.coupling, method, step.index):
+            u, v = getattr(self.coupling, method)(f, g, spec.unflatten(a), spec.unflatten(b))
+        k = _checks.modified([*a, *b], before)
+        if k is not None:
+            name = call.layout.names[k % len(a)] if a else ""
+            _checks.stream_modified(step.index, self.coupling, name, [*a, *b][k])
+        layout, ns = call.layout, call.namespace
+        return (
+            _checks.stream_leaves(u, a, layout, ns, self.coupling, step.index),
+            _checks.stream_leaves(v, b, layout, ns, self.coupling, step.index),
+        )
+
+    def forward(self, step: Step, x1: Leaves, x2: Leaves) -> tuple[Leaves, Leaves]:  # noqa: D102
+        return self._apply(step, "forward", _Fn(step, 0), _Fn(step, 1), x1, x2)
+
+    def inverse(  # noqa: D102
+        self, step: Step, y1: Leaves, y2: Leaves, back: Backward | None = None
+    ) -> tuple[Leaves, Leaves]:
+        if back is None:
+            return self._apply(step, "inverse", _Fn(step, 0), _Fn(step, 1), y1, y2)
+        assert step.reads is not None  # inverse calls f and g in the reverse order of forward
+        f = _Fn(step, 0, back, reversed(range(len(step.reads[0].calls))))
+        g = _Fn(step, 1, back, reversed(range(len(step.reads[1].calls))))
+        return self._apply(step, "inverse", f, g, y1, y2)
+
+    def reverse(  # noqa: D102
+        self, step: Step, back: Backward, y1: Leaves, y2: Leaves, dy1: Grads, dy2: Grads
+    ) -> tuple[Leaves, Leaves, Grads, Grads]:
+        assert step.reads is not None
+        calls = len(step.reads[0].calls), len(step.reads[1].calls)
+        n = len(y1)
+        with torch.no_grad(), back.autocast:
+            x1, x2 = self.inverse(step, y1, y2, back)
+        x1_, x2_ = _leaves(x1), _leaves(x2)
+        with torch.enable_grad(), back.autocast:
+            f, g = (
+                _Fn(step, 0, back, iter(range(calls[0]))),
+                _Fn(step, 1, back, iter(range(calls[1]))),
+            )
+            r1, r2 = self._apply(step, "forward", f, g, x1_, x2_)
+        sources = list(dict.fromkeys([*step.grad_inputs(0, back), *step.grad_inputs(1, back)]))
+        _accumulate([*r1, *r2], [*dy1, *dy2], [*x1_, *x2_, *sources])
+        grads = _grads([*x1_, *x2_])
+        return x1, x2, grads[:n], grads[n:]
+
+
+# ------------------------------------------------------------------------------ gradients
+
+
+def _leaves(tensors: Leaves) -> Leaves:
+    """Detached leaves requiring grad, for a recomputation to back-propagate into."""
+    return [t.detach().requires_grad_() for t in tensors]
+
+
+def _grads(leaves: Leaves) -> Grads:
+    """The gradients accumulated into ``leaves`` (``None`` where none reached them)."""
+    return [t.grad for t in leaves]
+
+
+def _plus(a: Grads, b: Grads) -> Grads:
+    """Leafwise ``a + b``, where ``None`` stands for zero."""
+    if all(x is not None for x in a) and all(y is not None for y in b):
+        return list(torch._foreach_add(a, b)) if a else []
+    return [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
+
+
+def _grad_outputs(outputs: Leaves, grads: Sequence[Any]) -> tuple[Leaves, Leaves]:
+    """Pair each output that requires grad with its gradient, cast and reduced as autograd would."""
+    kept, kept_grads = [], []
+    for out, grad in zip(outputs, grads):
+        if grad is not None and out.requires_grad:
+            if grad.shape != out.shape:  # the output was broadcast when combined
+                grad = grad.sum_to_size(out.shape)
+            if grad.dtype != out.dtype:  # autocast: combining promoted a lower precision
+                grad = grad.to(out.dtype)
+            kept.append(out)
+            kept_grads.append(grad)
+    return kept, kept_grads
+
+
+_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+
+
+def _accumulate(outputs: Leaves, grads: Sequence[Any], inputs: Sequence[torch.Tensor]) -> None:
+    """Back-propagate ``grads`` from ``outputs`` into ``.grad`` of ``inputs`` (leaves) only.
+
+    Calls the autograd engine as ``torch.autograd.backward`` does, without its Python
+    wrapper, which re-validates every output and input.
+    """
+    kept, kept_grads = _grad_outputs(outputs, grads)
+    if not kept:
+        return
+    if _ENGINE is None or has_torch_function((*kept, *inputs)):
+        torch.autograd.backward(kept, kept_grads, inputs=list(inputs))
+        return
+    # (outputs, grad_outputs, retain_graph, create_graph, inputs, allow_unused, accumulate_grad)
+    _ENGINE.run_backward(tuple(kept), tuple(kept_grads), False, False, tuple(inputs), True, True)
