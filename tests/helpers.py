@@ -82,6 +82,41 @@ class TreeMixer(nn.Module):
         return spec.unflatten(out)
 
 
+class RichMixer(TreeMixer):
+    """A ``TreeMixer`` that does what real models do beside its arithmetic.
+
+    ``counter``: ``"in place"`` or ``"assign"``, a buffer it reads and updates each call
+    (the output is scaled by it); ``island``: its linear maps run in a float32 island
+    (``torch.autocast(..., enabled=False)``); and always a parameter it never uses.
+    """
+
+    def __init__(
+        self,
+        widths: list[int],
+        dropout: float = 0.0,
+        seed: int = 0,
+        counter: str | None = None,
+        island: bool = False,
+    ) -> None:
+        super().__init__(widths, dropout, seed)
+        self.counter, self.island = counter, island
+        self.register_buffer("count", torch.zeros((), dtype=DTYPE))
+        self.unused = nn.Parameter(torch.ones(2, dtype=DTYPE))
+
+    def forward(self, tree: Any, ctx: Any = None, scale: float = 1.0) -> Any:
+        if self.island:
+            with torch.autocast("cpu", enabled=False):
+                out = super().forward(tree, ctx, scale)
+        else:
+            out = super().forward(tree, ctx, scale)
+        if self.counter == "in place":
+            self.count += 1
+        elif self.counter == "assign":
+            self.count = self.count + 1
+        factor = 1 + 0.1 * self.count
+        return optree.tree_map(lambda leaf: leaf * factor.to(leaf.dtype), out)
+
+
 def encode_reference(codec: Any, leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An independent encoding, written from the definitions of the built-in codecs."""
     if isinstance(codec, Split):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import optree
 import pytest
 import torch
@@ -9,6 +11,7 @@ from helpers import (
     INTERLEAVE,
     TOL,
     Point,
+    RichMixer,
     assert_trees_close,
     codec_for,
     codec_prefixes,
@@ -35,11 +38,11 @@ def _loss(y) -> torch.Tensor:
     return total
 
 
-def _step(forward, sources, mode, seed):
+def _step(forward, sources, mode, seed, loss_of=None):
     """One training step from ``seed``: the output, the gradients, and the RNG state after."""
     torch.manual_seed(seed)
     y = forward()
-    loss = _loss(y)
+    loss = _loss(y) if loss_of is None else loss_of(y)
     if mode == "grad":
         grads = torch.autograd.grad(loss, sources, allow_unused=True)
     else:
@@ -239,3 +242,128 @@ def test_gradcheck_nested_tree():
         return y["a"], y["b"][0]
 
     assert torch.autograd.gradcheck(fn, (x["a"], x["b"][0], ctx), atol=TOL * 100)
+
+
+# --------------------------------------------------- what real models do beside arithmetic
+
+
+@st.composite
+def rich_cases(draw, float32: bool = False):
+    """A random tree and blocks with hooks, buffers, functional_call, unused leaves, islands."""
+    structure = draw(trees())
+    seed = draw(st.integers(0, 1000))
+    x = materialize(structure, seed)
+    leaves, spec = optree.tree_flatten(x)
+    codecs = [codec_for(leaf, draw(st.integers(0, 3))) for leaf in leaves]
+    return dict(
+        x=x,
+        codecs=codecs,
+        codec_tree=spec.unflatten(codecs),
+        depth=draw(st.integers(1, 3)),
+        dropout=draw(st.sampled_from([0.0, 0.3])),
+        counter=draw(st.sampled_from([None, "in place", "assign"])),
+        hooks=draw(st.booleans()),
+        functional=draw(st.booleans()),
+        # which output leaves the loss reads (at least one): the others reach nothing
+        used=draw(st.lists(st.booleans(), min_size=len(leaves), max_size=len(leaves)).filter(any)),
+        mode=draw(st.sampled_from(["backward", "grad"])),
+        island=float32,
+        seed=seed,
+    )
+
+
+def _rich_step(case, steps=2):
+    """Two training steps of revtree and of plain autograd (``helpers.reference``)."""
+    x, codecs = case["x"], case["codecs"]
+    dtype = torch.float32 if case["island"] else torch.float64
+    x = optree.tree_map(lambda t: t.detach().to(dtype).requires_grad_(), x)
+    widths = half_widths(x, codecs)
+    blocks = [
+        tuple(
+            RichMixer(
+                widths, case["dropout"], case["seed"] + 2 * i + j, case["counter"], case["island"]
+            ).to(dtype)
+            for j in range(2)
+        )
+        for i in range(case["depth"])
+    ]
+    ref = copy.deepcopy(blocks)
+    fired = {"revtree": 0, "plain": 0}
+
+    def hook(who):
+        def double(grad):
+            fired[who] += 1
+            return grad * 2
+
+        return double
+
+    if case["hooks"]:
+        for who, bs in (("revtree", blocks), ("plain", ref)):
+            bs[0][0].mix.register_hook(hook(who))
+    seq = revtree.ReversibleSequence(blocks, codec=case["codec_tree"])
+    upstream = torch.tensor(1.25, dtype=dtype, requires_grad=True)
+    names = [n for n, _ in seq.named_parameters()]
+    ref_slots = [(m, n) for pair in ref for fn in pair for m in fn.modules() for n in m._parameters]
+
+    def computed():  # a hypernetwork's output: the parameters, computed from upstream
+        return [p.detach() * upstream for p in seq.parameters()]
+
+    def run_revtree():
+        if case["functional"]:
+            return torch.func.functional_call(seq, dict(zip(names, computed())), (x,))
+        return seq(x)
+
+    def run_plain():
+        if not case["functional"]:
+            return reference(x, ref, codecs)
+        originals = [m._parameters[n] for m, n in ref_slots]
+        for (m, n), tensor in zip(ref_slots, computed()):
+            m._parameters[n] = tensor
+        try:
+            return reference(x, ref, codecs)
+        finally:
+            for (m, n), tensor in zip(ref_slots, originals):
+                m._parameters[n] = tensor
+
+    def loss(y):  # the output leaves the loss reads; the others reach nothing
+        leaves = optree.tree_leaves(y)
+        return _loss([leaf for leaf, used in zip(leaves, case["used"]) if used])
+
+    def forward(run):  # autocast around the forward only, as training loops run it
+        if not case["island"]:
+            return run()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return run()
+
+    inputs = optree.tree_leaves(x)
+    own = [list(seq.parameters()), [p for pair in ref for fn in pair for p in fn.parameters()]]
+    for step in range(steps):
+        seed = case["seed"] + step
+        _, got, _ = _step(
+            lambda: forward(run_revtree), [*inputs, upstream, *own[0]], case["mode"], seed, loss
+        )
+        _, expected, _ = _step(
+            lambda: forward(run_plain), [*inputs, upstream, *own[1]], case["mode"], seed, loss
+        )
+        assert [g is None for g in got] == [g is None for g in expected], f"step {step}"
+        tol = 1e-5 if case["island"] else TOL
+        assert_trees_close(got, expected, tol=tol, what=f"step {step}")
+        assert_trees_close(
+            list(seq.buffers()), [b for pair in ref for fn in pair for b in fn.buffers()], tol=0
+        )
+    assert fired["revtree"] == fired["plain"]
+
+
+@given(rich_cases())
+def test_real_model_features_equal_plain_autograd(case):
+    """Parameter hooks, buffers read and updated, functional_call with computed parameters
+    and outputs the loss leaves out: every gradient (None where plain autograd gives None),
+    every buffer, the hooks' calls, over two steps, against plain autograd in float64."""
+    _rich_step(case)
+
+
+@given(rich_cases(float32=True))
+def test_float32_islands_under_autocast_equal_plain_autograd(case):
+    """The same blocks, their linear maps in float32 islands, run under bfloat16 autocast and
+    back-propagated outside it: the gradients of float32 arithmetic, as plain autograd's."""
+    _rich_step(case)
