@@ -222,19 +222,21 @@ def combined(
 
 
 def recompute_differs(index: int, which: str, expected: list[Any], got: list[Any]) -> NoReturn:
-    """A recomputed call returned other shapes or dtypes than its forward call."""
+    """A recomputed call returned other shapes than its forward call."""
     k = next(
-        (i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got))
+        (i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(map(len, (expected, got)))
     )
-    forward = "nothing" if k >= len(expected) else f"shape {tuple(expected[k][0])} {expected[k][1]}"
-    again = "nothing" if k >= len(got) else f"shape {tuple(got[k][0])} {got[k][1]}"
+
+    def shape(signature: list[Any]) -> str:
+        return "nothing" if k >= len(signature) else f"shape {tuple(signature[k])}"
+
     fail(
         index,
         which,
-        f"returned {again} for leaf {k} of its output in the recomputation, where its forward "
-        f"call returned {forward}, so the block's inputs cannot be rebuilt. Hint: {which} must "
-        "compute the same function when recomputed (revtree.is_recomputing() is for caches, "
-        "not for changing what it returns).",
+        f"returned {shape(got)} for leaf {k} of its output in the recomputation, where its "
+        f"forward call returned {shape(expected)}, so the block's inputs cannot be rebuilt. "
+        f"Hint: {which} must compute the same function when recomputed "
+        "(revtree.is_recomputing() is for caches, not for changing what it returns).",
     )
 
 

@@ -36,7 +36,16 @@ Leaves = list[torch.Tensor]
 class Tape:
     """A run of consecutive reversible blocks in one call, and what its backward needs."""
 
-    __slots__ = ("__weakref__", "call", "outputs", "positions", "sources", "steps", "versions")
+    __slots__ = (
+        "__weakref__",
+        "call",
+        "hooked",
+        "outputs",
+        "positions",
+        "sources",
+        "steps",
+        "versions",
+    )
 
     def __init__(self, call: Call) -> None:
         self.call = call
@@ -45,6 +54,7 @@ class Tape:
         self.positions: dict[int, int] = {}  # id(source) -> its position in sources
         self.versions: list[int] = []
         self.outputs: tuple[torch.Tensor, ...] = ()
+        self.hooked = False  # whether a block's f or g has hooks of its own
 
     def run(self, blocks: list[tuple[int, Block]], x1: Leaves, x2: Leaves) -> tuple[Leaves, Leaves]:
         """Run ``blocks`` forward, storing nothing; return the output streams.
@@ -58,6 +68,7 @@ class Tape:
         with torch.no_grad():
             for index, block in blocks:
                 step = Step(call, index, block, record=(self.positions, self.sources))
+                self.hooked = self.hooked or _has_hooks(block.f) or _has_hooks(block.g)
                 if call.check_drift is not None:
                     step.sample = _drift.sample([*y1, *y2])
                 y1, y2 = strategy.forward(step, y1, y2)
@@ -105,8 +116,7 @@ class ReversibleFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         kw_needs = needs[1 + 2 * n : 1 + 2 * n + len(kw)]
         keywords = [t.detach().requires_grad_() if need else t for t, need in zip(kw, kw_needs)]
-        aliases = [t.detach().requires_grad_() for t in tape.sources]
-        back = Backward(call, aliases, keywords)
+        back = Backward(call, tape.sources, keywords, accumulate=tape.hooked or _tracked())
         strategy = call.strategy
         warned = False
         with preserved(call.generators) if call.generators is not None else NOTHING:
@@ -119,5 +129,26 @@ class ReversibleFunction(torch.autograd.Function):
                     )
 
         dx = [d if need else None for d, need in zip(chain(dy1, dy2), needs[1 : 1 + 2 * n])]
-        dkw = [t.grad if need else None for t, need in zip(keywords, kw_needs)]
-        return (None, *dx, *dkw, *(a.grad for a in aliases))
+        wanted = iter(back.keyword_grads())
+        dkw = [next(wanted) if need else None for need in kw_needs]
+        return (None, *dx, *dkw, *back.source_grads())
+
+
+def _tracked() -> bool:
+    """Whether hooks on every module (a profiler's module tracker) may watch the recompute."""
+    hooks = torch.nn.modules.module
+    return bool(
+        hooks._global_forward_pre_hooks
+        or hooks._global_forward_hooks
+        or hooks._global_backward_pre_hooks
+        or hooks._global_backward_hooks
+    )
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return bool(
+        module._forward_pre_hooks
+        or module._forward_hooks
+        or module._backward_pre_hooks
+        or module._backward_hooks
+    )

@@ -44,11 +44,20 @@ def current_block() -> int | None:
     return getattr(_local, "block", None)
 
 
-class running:  # noqa: N801 (used as a context manager, like contextlib's)
-    """Mark ``block`` as running (and maybe recomputing) for the duration of the context.
+def enter(block: int, recomputing: bool) -> tuple[Any, Any]:
+    """Mark ``block`` as running (and maybe recomputing); return what to ``leave`` back to."""
+    previous = (getattr(_local, "block", None), getattr(_local, "recomputing", False))
+    _local.block, _local.recomputing = block, recomputing
+    return previous
 
-    A plain class rather than ``@contextmanager``: it is entered twice per block.
-    """
+
+def leave(previous: tuple[Any, Any]) -> None:
+    """Undo ``enter``."""
+    _local.block, _local.recomputing = previous
+
+
+class running:  # noqa: N801 (used as a context manager, like contextlib's)
+    """Mark ``block`` as running (and maybe recomputing) for the duration of the context."""
 
     __slots__ = ("_entry", "_previous")
 
@@ -56,8 +65,7 @@ class running:  # noqa: N801 (used as a context manager, like contextlib's)
         self._entry = (block, recomputing)
 
     def __enter__(self) -> None:
-        self._previous = (getattr(_local, "block", None), getattr(_local, "recomputing", False))
-        _local.block, _local.recomputing = self._entry
+        self._previous = enter(*self._entry)
 
     def __exit__(self, *exc: Any) -> None:
-        _local.block, _local.recomputing = self._previous
+        leave(self._previous)

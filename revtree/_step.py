@@ -11,17 +11,17 @@ upstream tensors) once, through the autograd Function, and never from inside it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.nn.modules.lazy import LazyModuleMixin
+from torch.overrides import has_torch_function
 
-from . import _checks, _trees
+from . import _checks, _state, _trees
 from ._autocast import NOTHING
 from ._buffers import Snapshot
 from ._rng import State
-from ._state import running
 
 if TYPE_CHECKING:
     from ._block import Block
@@ -33,24 +33,24 @@ WHO = ("f", "g")
 # a parameter slot: (the module's parameter dict, a name, the tensor in it, its position
 # among the sources whose gradients the Function returns, or -1 if it needs none)
 Param = tuple[dict[str, Any], str, torch.Tensor, int]
-Signature = list[tuple[torch.Size, torch.dtype]]
+Signature = list[Any]  # the shape of each leaf a call returned
 
 
 class Reads:
     """What one function (``f`` or ``g``) of a block read, call after call, in the forward pass."""
 
-    __slots__ = ("calls", "lazy", "modules", "outputs", "params", "sources")
+    __slots__ = ("calls", "modules", "outputs", "params", "sources")
 
     def __init__(self, module: nn.Module, positions: dict[int, int], sources: Leaves) -> None:
         params: list[Param] = []
         used: list[int] = []
         modules: list[nn.Module] = []  # those holding buffers
-        lazy = False
         stack = [module]
         while stack:
             m = stack.pop()
-            if m._parameters:
-                for name, p in m._parameters.items():
+            slots = m._parameters
+            if slots:
+                for name, p in slots.items():
                     if p is None:
                         continue
                     k = -1
@@ -60,41 +60,146 @@ class Reads:
                             k = positions[id(p)] = len(sources)
                             sources.append(p)
                         used.append(k)
-                    params.append((m._parameters, name, p, k))
+                    params.append((slots, name, p, k))
             if m._buffers:
                 modules.append(m)
-            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
-                lazy = True
             if m._modules:
                 stack.extend(c for c in m._modules.values() if c is not None)
         self.params = params
-        self.sources = list(dict.fromkeys(used))  # a parameter shared inside the function: once
+        self.sources = list(dict.fromkeys(used)) if used else used  # each once
         self.modules = modules
-        self.lazy = lazy
         self.calls: list[tuple[State | None, Snapshot | None]] = []
-        self.outputs: list[Signature] = []  # the shapes and dtypes each call returned
+        self.outputs: list[Signature] = []  # the shapes each call returned
 
 
 class Backward:
-    """What the recomputations of one backward pass share: detached aliases of every source.
+    """What the recomputations of one backward pass share, and where their gradients go.
 
-    ``keywords`` are the keyword tensors ``f`` and ``g`` see in the recomputation: detached
-    aliases of those that need a gradient (``grads`` of each function), the caller's own
-    tensors otherwise.
+    Each source (a tensor the forward read that needs a gradient) has a *handle*: the
+    tensor its slots hold in the recomputation, whose gradient the engine computes. Where
+    nothing else could see that gradient, the handle is the source itself and the engine
+    hands its gradient back (capture); a source with tensor hooks, or one a
+    ``functional_call`` put in a slot only for the forward, gets a detached alias instead,
+    so that its hooks fire once, on the total, when the Function returns it. Where hooks
+    on the modules might ask the engine about the recomputation's inputs (``FlopCounterMode``
+    and other module trackers ask whether their nodes will run, which ``autograd.grad``
+    cannot say of a leaf), every handle is an alias and the engine accumulates into their
+    ``.grad`` instead (``accumulate``).
+
+    ``keywords`` are the keyword tensors ``f`` and ``g`` see: detached aliases of those
+    that need a gradient, the caller's own otherwise.
     """
 
-    __slots__ = ("aliases", "autocast", "grads", "keywords", "kwargs", "verify")
+    __slots__ = (
+        "accumulate",
+        "autocast",
+        "handles",
+        "keywords",
+        "kw_totals",
+        "kwargs",
+        "plain",
+        "totals",
+        "verify",
+        "wanted",
+    )
 
-    def __init__(self, call: Call, aliases: Leaves, keywords: Leaves, verify: bool = True) -> None:
+    def __init__(
+        self,
+        call: Call,
+        sources: Leaves,
+        keywords: Leaves,
+        accumulate: bool = False,
+        verify: bool = True,
+    ) -> None:
         context = call.context
         self.verify = verify  # check, once per block, what else f and g depend on
-        self.aliases = aliases
+        self.accumulate = accumulate
+        self.handles = [
+            t.detach().requires_grad_() if accumulate or not t.is_leaf or t._backward_hooks else t
+            for t in sources
+        ]
+        self.totals: list[Any] = [None] * len(sources)
+        wanted = [t for t in keywords if t.requires_grad]
+        self.kw_totals: list[Any] = [None] * len(wanted)
         self.kwargs = context.rebuild(keywords)
         self.keywords = (keywords if context.to_f else [], keywords if context.to_g else [])
-        wanted = [t for t in keywords if t.requires_grad]
-        self.grads = (wanted if context.to_f else [], wanted if context.to_g else [])
+        self.wanted = (wanted if context.to_f else [], wanted if context.to_g else [])
         state = call.autocast
         self.autocast: Any = NOTHING if state is None or state.is_current else state.replay()
+        self.plain = not (has_torch_function(self.handles) or has_torch_function(wanted))
+
+    def vjp(
+        self,
+        outputs: Leaves,
+        grads: Sequence[Any],
+        leaves: Leaves,
+        positions: list[int],
+        keywords: bool,
+    ) -> list[Any]:
+        """Back-propagate ``grads`` from ``outputs``; return the gradients of ``leaves``.
+
+        The gradients of the sources at ``positions`` (and of the keyword tensors, with
+        ``keywords``) are kept for the Function to return; ``None`` where none flows.
+        """
+        kept, kept_grads = _grad_outputs(outputs, grads)
+        if not kept:
+            return [None] * len(leaves)
+        handles = self.handles
+        kw = self.wanted[0] or self.wanted[1] if keywords else []
+        inputs = (*leaves, *(handles[p] for p in positions), *kw)
+        if self.plain and _ENGINE is not None:
+            # as torch.autograd.grad/backward run it, without their Python wrappers, which
+            # re-validate every output and input: (outputs, grad_outputs, retain_graph,
+            # create_graph, inputs, allow_unused, accumulate_grad)
+            out = _ENGINE.run_backward(
+                tuple(kept), tuple(kept_grads), False, False, inputs, True, self.accumulate
+            )
+        elif self.accumulate:
+            torch.autograd.backward(kept, kept_grads, inputs=list(inputs))
+        else:
+            out = torch.autograd.grad(kept, inputs, kept_grads, allow_unused=True)
+        n = len(leaves)
+        if self.accumulate:
+            return [t.grad for t in leaves]
+        totals = self.totals
+        for p, g in zip(positions, out[n : n + len(positions)]):
+            if g is not None:
+                totals[p] = g if totals[p] is None else totals[p] + g
+        if kw:
+            kw_totals = self.kw_totals
+            for i, g in enumerate(out[n + len(positions) :]):
+                if g is not None:
+                    kw_totals[i] = g if kw_totals[i] is None else kw_totals[i] + g
+        return list(out[:n])
+
+    def source_grads(self) -> list[Any]:
+        """The gradient of each source (``None`` where none reached it)."""
+        if self.accumulate:
+            return [h.grad for h in self.handles]
+        return self.totals
+
+    def keyword_grads(self) -> list[Any]:
+        """The gradient of each keyword tensor that needs one."""
+        if self.accumulate:
+            return [t.grad for t in self.wanted[0] or self.wanted[1]]
+        return self.kw_totals
+
+
+def _grad_outputs(outputs: Leaves, grads: Sequence[Any]) -> tuple[Leaves, Leaves]:
+    """Pair each output that requires grad with its gradient, cast and reduced as autograd would."""
+    kept, kept_grads = [], []
+    for out, grad in zip(outputs, grads):
+        if grad is not None and out.requires_grad:
+            if grad.shape != out.shape:  # the output was broadcast when combined
+                grad = grad.sum_to_size(out.shape)
+            if grad.dtype != out.dtype:  # autocast: combining promoted a lower precision
+                grad = grad.to(out.dtype)
+            kept.append(out)
+            kept_grads.append(grad)
+    return kept, kept_grads
+
+
+_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
 
 
 class Step:
@@ -119,11 +224,6 @@ class Step:
             self.reads = (Reads(block.f, *record), Reads(block.g, *record))
         self.sample: Leaves | None = None
 
-    @property
-    def lazy(self) -> bool:
-        """Whether a module of the block has parameters still to be materialised."""
-        return self.reads is not None and (self.reads[0].lazy or self.reads[1].lazy)
-
     def forward(self, which: int, tree: Any, leaves: Leaves) -> Any:
         """Call ``f`` (``which == 0``) or ``g`` on a half-stream in the forward pass.
 
@@ -131,7 +231,7 @@ class Step:
         returned; raises if it modified its input or keyword tensors in place.
         """
         call, index = self.call, self.index
-        module = self.block.f if which == 0 else self.block.g
+        module = self.block.g if which else self.block.f
         keywords = call.keywords[which]
         before = _checks.versions(leaves)
         kw_before = _checks.versions(keywords) if keywords else None
@@ -139,13 +239,16 @@ class Step:
         if reads is not None:
             state = call.generators.capture() if call.generators is not None else None
             snapshot = Snapshot.take(reads.modules, call.policy) if reads.modules else None
-        with running(index, recomputing=False):
-            try:
-                out = module(tree, **call.kwargs[which])
-            except Exception as e:
-                self._note(e, which, tree, leaves)
-                raise
-        self._unchanged(which, tree, leaves, before, keywords, kw_before)
+        previous = _state.enter(index, False)
+        try:
+            out = module(tree, **call.kwargs[which])
+        except Exception as e:
+            self._note(e, which, tree, leaves)
+            raise
+        finally:
+            _state.leave(previous)
+        if _checks.versions(leaves) != before or kw_before is not None:
+            self._unchanged(which, tree, leaves, before, keywords, kw_before)
         if reads is not None:
             if snapshot is not None:
                 surprise = snapshot.settle(call.policy)
@@ -165,38 +268,41 @@ class Step:
         call, index = self.call, self.index
         reads = self.reads[which]
         state, snapshot = reads.calls[k]
-        module = self.block.f if which == 0 else self.block.g
+        module = self.block.g if which else self.block.f
         keywords = back.keywords[which]
         kw_before = _checks.versions(keywords) if keywords else None
-        aliases = back.aliases
-        live = []
+        handles = back.handles
+        swapped = []  # the slots whose live tensor is not what the recomputation needs
         for slots, name, t, position in reads.params:
-            live.append(slots[name])
-            slots[name] = aliases[position] if position >= 0 else t
+            needed = handles[position] if position >= 0 else t
+            live = slots[name]
+            if live is not needed:
+                swapped.append((slots, name, live))
+                slots[name] = needed
         if state is not None:
-            assert call.generators is not None
-            call.generators.set(state)
+            call.generators.set(state)  # type: ignore[union-attr]
+        buffers = snapshot.swapped() if snapshot is not None else NOTHING
+        previous = _state.enter(index, True)
+        grad_mode = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(True)
         try:
-            with (
-                snapshot.swapped() if snapshot is not None else NOTHING,
-                running(index, recomputing=True),
-                torch.enable_grad(),
-            ):
-                try:
-                    out = module(tree, **back.kwargs[which])
-                except Exception as e:
-                    self._note(e, which, tree, leaves)
-                    raise
+            with buffers:
+                out = module(tree, **back.kwargs[which])
+        except Exception as e:
+            self._note(e, which, tree, leaves)
+            raise
         finally:
-            for (slots, name, _, _), t in zip(reversed(reads.params), reversed(live)):
-                slots[name] = t
-        if keywords:
-            k_ = _checks.modified(keywords, kw_before)  # type: ignore[arg-type]
+            torch._C._set_grad_enabled(grad_mode)
+            _state.leave(previous)
+            for slots, name, live in swapped:
+                slots[name] = live
+        if kw_before is not None:
+            k_ = _checks.modified(keywords, kw_before)
             if k_ is not None:
                 _checks.keyword_modified(index, WHO[which], call.context.name(k_), keywords[k_])
         if back.verify and (index, which) not in call.verified:  # once: what else it reads
             outputs = [t for t in _trees.flatten(out, call.namespace)[0] if _requires_grad(t)]
-            found = _checks.foreign(outputs, [*leaves, *aliases, *keywords])
+            found = _checks.foreign(outputs, [*leaves, *handles, *keywords])
             if found is not None:
                 _checks.foreign_found(index, WHO[which], found)
             call.verified.add((index, which))
@@ -208,18 +314,20 @@ class Step:
             self.reads[which].outputs.append(_signature(leaves))
 
     def returned_again(self, which: int, k: int, leaves: Leaves) -> None:
-        """Raise unless the ``k``-th call, recomputed, returns the shapes and dtypes it did."""
+        """Raise unless the ``k``-th call, recomputed, returns the shapes it did.
+
+        A shape that still broadcasts would otherwise rebuild the inputs wrong, silently.
+        """
         assert self.reads is not None
         expected = self.reads[which].outputs[k]
         got = _signature(leaves)
         if got != expected:
             _checks.recompute_differs(self.index, WHO[which], expected, got)
 
-    def grad_inputs(self, which: int, back: Backward) -> Leaves:
-        """The aliases whose gradients a recomputed ``f`` or ``g`` contributes to."""
+    def positions(self, which: int) -> list[int]:
+        """The sources ``f`` or ``g`` read (their positions), whose gradients it contributes to."""
         assert self.reads is not None
-        aliases = back.aliases
-        return [*(aliases[p] for p in self.reads[which].sources), *back.grads[which]]
+        return self.reads[which].sources
 
     def _unchanged(
         self,
@@ -253,7 +361,10 @@ class Step:
 
 
 def _signature(leaves: list[Any]) -> Signature:
-    return [(getattr(t, "shape", None), getattr(t, "dtype", type(t))) for t in leaves]
+    try:
+        return [t.shape for t in leaves]
+    except AttributeError:  # a coupling's own methods may take what is no tensor
+        return [getattr(t, "shape", type(t)) for t in leaves]
 
 
 def _requires_grad(t: Any) -> bool:

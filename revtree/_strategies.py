@@ -9,20 +9,17 @@ own): its reverse step inverts the block with the coupling's ``inverse``, then r
 ``forward`` again with autograd on (5/3). The strategy is chosen once per coupling
 (``strategy_for``); nothing else in the engine asks which kind a coupling is.
 
-Gradients are taken with the autograd engine, accumulated into ``.grad`` of detached
-leaves that the strategy owns (the rebuilt streams, and the aliases of ``Backward``):
-the leaves are never the caller's, and ``torch.autograd.grad`` around the whole step sees
-nothing of it. Accumulating, rather than capturing as ``torch.autograd.grad`` does, lets
-hooks that ask the engine which nodes will run (``FlopCounterMode``'s module tracker) work.
+Gradients are taken by ``Backward.vjp``, which hands back those of the rebuilt streams
+(detached leaves the strategy owns) and keeps those of the sources for the Function to
+return: nothing is written to a caller's tensor from inside.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.overrides import has_torch_function
 
 from . import _checks, _trees
 from ._errors import RevtreeError
@@ -95,14 +92,23 @@ class ElementwiseStrategy(Strategy):
             out, call.update_spec, spec, call.namespace, step.index, WHO[which]
         )
 
-    def _combine(self, step: Step, which: int, x: Leaves, update: Leaves, undo: bool) -> Leaves:
+    def _combine(
+        self, step: Step, which: int, x: Leaves, update: Leaves, undo: bool, checked: bool = False
+    ) -> Leaves:
+        """``combine`` (or with ``undo``, ``uncombine``) over the leaves, checked.
+
+        ``checked``: the update's shapes are known good (a recomputation that returned
+        what its forward call did), so only a failure is looked into.
+        """
         c = self.elementwise
         out = None
-        if all(isinstance(u, torch.Tensor) for u in update):
+        if checked or all(isinstance(u, torch.Tensor) for u in update):
             try:
                 out = c.uncombine_leaves(x, update) if undo else c.combine_leaves(x, update)
             except (RuntimeError, TypeError):
                 pass
+            if checked and out is not None:
+                return out
         leafwise = c.uncombine if undo else c.combine
         names = step.call.layout.names
         return _checks.combined(out, x, update, leafwise, names, step.index, WHO[which], undo)
@@ -146,17 +152,16 @@ class ElementwiseStrategy(Strategy):
         with back.autocast:
             gu = self._update(step, 1, step.recompute(1, unflatten(y1_), y1_, 0, back))
         step.returned_again(1, 0, gu)
-        with torch.no_grad():
-            x2 = self._combine(step, 1, y2, gu, undo=True)
+        x2 = self._combine(step, 1, y2, gu, undo=True, checked=True)  # (backward: no grad)
+        to_g = step.call.context.to_g
         if self.additive:
-            _accumulate(gu, dy2, [*y1_, *step.grad_inputs(1, back)])
-            dx1, dx2 = _plus(dy1, _grads(y1_)), list(dy2)
+            dx1, dx2 = _plus(dy1, back.vjp(gu, dy2, y1_, step.positions(1), to_g)), list(dy2)
         else:
             x2_ = _leaves(x2)
             with back.autocast, torch.enable_grad():
                 y2_ = [c.combine(x, *gu[i::n]) for i, x in enumerate(x2_)]
-            _accumulate(y2_, dy2, [*y1_, *x2_, *step.grad_inputs(1, back)])
-            dx1, dx2 = _plus(dy1, _grads(y1_)), _grads(x2_)
+            grads = back.vjp(y2_, dy2, [*y1_, *x2_], step.positions(1), to_g)
+            dx1, dx2 = _plus(dy1, grads[:n]), grads[n:]
         del gu, y1_
 
         # f: x1 = uncombine(y1, f(x2)); gradients for x1, x2 and f's sources
@@ -164,17 +169,16 @@ class ElementwiseStrategy(Strategy):
         with back.autocast:
             fu = self._update(step, 0, step.recompute(0, unflatten(x2r), x2r, 0, back))
         step.returned_again(0, 0, fu)
-        with torch.no_grad():
-            x1 = self._combine(step, 0, y1, fu, undo=True)
+        x1 = self._combine(step, 0, y1, fu, undo=True, checked=True)
+        to_f = step.call.context.to_f
         if self.additive:
-            _accumulate(fu, dx1, [*x2r, *step.grad_inputs(0, back)])
-            dx2 = _plus(dx2, _grads(x2r))
+            dx2 = _plus(dx2, back.vjp(fu, dx1, x2r, step.positions(0), to_f))
         else:
             x1_ = _leaves(x1)
             with back.autocast, torch.enable_grad():
                 y1_r = [c.combine(x, *fu[i::n]) for i, x in enumerate(x1_)]
-            _accumulate(y1_r, dx1, [*x1_, *x2r, *step.grad_inputs(0, back)])
-            dx1, dx2 = _grads(x1_), _plus(dx2, _grads(x2r))
+            grads = back.vjp(y1_r, dx1, [*x1_, *x2r], step.positions(0), to_f)
+            dx1, dx2 = grads[:n], _plus(dx2, grads[n:])
         return x1, x2, dx1, dx2
 
 
@@ -301,9 +305,10 @@ class GenericStrategy(Strategy):
                 _Fn(step, 1, back, iter(range(calls[1]))),
             )
             r1, r2 = self._apply(step, "forward", f, g, x1_, x2_)
-        sources = list(dict.fromkeys([*step.grad_inputs(0, back), *step.grad_inputs(1, back)]))
-        _accumulate([*r1, *r2], [*dy1, *dy2], [*x1_, *x2_, *sources])
-        grads = _grads([*x1_, *x2_])
+        positions = list(dict.fromkeys([*step.positions(0), *step.positions(1)]))
+        context = step.call.context
+        keywords = context.to_f or context.to_g
+        grads = back.vjp([*r1, *r2], [*dy1, *dy2], [*x1_, *x2_], positions, keywords)
         return x1, x2, grads[:n], grads[n:]
 
 
@@ -315,46 +320,8 @@ def _leaves(tensors: Leaves) -> Leaves:
     return [t.detach().requires_grad_() for t in tensors]
 
 
-def _grads(leaves: Leaves) -> Grads:
-    """The gradients accumulated into ``leaves`` (``None`` where none reached them)."""
-    return [t.grad for t in leaves]
-
-
 def _plus(a: Grads, b: Grads) -> Grads:
     """Leafwise ``a + b``, where ``None`` stands for zero."""
-    if all(x is not None for x in a) and all(y is not None for y in b):
-        return list(torch._foreach_add(a, b)) if a else []
+    if len(a) > 1 and all(x is not None for x in a) and all(y is not None for y in b):
+        return list(torch._foreach_add(a, b))  # one dispatch for many small leaves
     return [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
-
-
-def _grad_outputs(outputs: Leaves, grads: Sequence[Any]) -> tuple[Leaves, Leaves]:
-    """Pair each output that requires grad with its gradient, cast and reduced as autograd would."""
-    kept, kept_grads = [], []
-    for out, grad in zip(outputs, grads):
-        if grad is not None and out.requires_grad:
-            if grad.shape != out.shape:  # the output was broadcast when combined
-                grad = grad.sum_to_size(out.shape)
-            if grad.dtype != out.dtype:  # autocast: combining promoted a lower precision
-                grad = grad.to(out.dtype)
-            kept.append(out)
-            kept_grads.append(grad)
-    return kept, kept_grads
-
-
-_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
-
-
-def _accumulate(outputs: Leaves, grads: Sequence[Any], inputs: Sequence[torch.Tensor]) -> None:
-    """Back-propagate ``grads`` from ``outputs`` into ``.grad`` of ``inputs`` (leaves) only.
-
-    Calls the autograd engine as ``torch.autograd.backward`` does, without its Python
-    wrapper, which re-validates every output and input.
-    """
-    kept, kept_grads = _grad_outputs(outputs, grads)
-    if not kept:
-        return
-    if _ENGINE is None or has_torch_function((*kept, *inputs)):
-        torch.autograd.backward(kept, kept_grads, inputs=list(inputs))
-        return
-    # (outputs, grad_outputs, retain_graph, create_graph, inputs, allow_unused, accumulate_grad)
-    _ENGINE.run_backward(tuple(kept), tuple(kept_grads), False, False, tuple(inputs), True, True)

@@ -30,14 +30,13 @@ def leaves_as(tree: Any, spec: PyTreeSpec, namespace: str) -> tuple[list[Any], P
     up to a known structure is several times cheaper than a full flatten, and a tree that
     does not fit (or holds a non-tensor where ``spec`` has a leaf) takes the full flatten.
     """
-    if not torch.compiler.is_compiling():
-        try:
-            leaves = spec.flatten_up_to(tree)
-        except (ValueError, TypeError):
-            pass
-        else:
-            if all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-                return leaves, spec
+    try:
+        leaves = spec.flatten_up_to(tree)
+    except (ValueError, TypeError):
+        pass
+    else:
+        if all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+            return leaves, spec
     return flatten(tree, namespace)
 
 
@@ -70,14 +69,8 @@ def broadcast_prefix(prefix: Any, tree: Any, namespace: str, what: str) -> list[
 
 
 def differ(spec: PyTreeSpec, expected: PyTreeSpec) -> bool:
-    """Whether two structures differ; never while ``torch.compile`` traces.
-
-    The same object (as ``leaves_as`` returns when the tree fits) is settled at once.
-
-    Dynamo replaces optree with its own pytree code while it traces, and its structures do
-    not compare equal to optree's: the check runs in eager mode only.
-    """
-    return spec is not expected and not torch.compiler.is_compiling() and spec != expected
+    """Whether two structures differ (the same object, as ``leaves_as`` returns, at once)."""
+    return spec is not expected and spec != expected
 
 
 def describe(leaf: Any) -> str:

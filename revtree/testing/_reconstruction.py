@@ -91,7 +91,7 @@ def reconstruction_errors(seq: ReversibleSequence, x: Any, /, **kwargs: Any) -> 
             steps.append(step)
         outputs = [*inputs[1:], (x1, x2)]
         # rebuilt as backward rebuilds them: the forward's random states, buffers and tensors
-        back = Backward(call, sources, call.context.tensors, verify=False)
+        back = Backward(call, [s.detach() for s in sources], call.context.tensors, verify=False)
         drift = []
         y1, y2 = x1, x2
         for index in reversed(range(len(seq.blocks))):
