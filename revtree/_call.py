@@ -36,6 +36,7 @@ class Call:
         "keywords",
         "kwargs",
         "layout",
+        "memo",
         "namespace",
         "policy",
         "strategy",
@@ -64,6 +65,7 @@ class Call:
         self.keywords = (copies if context.to_f else [], copies if context.to_g else [])
         self.generators: Generators | None = None
         self.autocast: AutocastState | None = None
+        self.memo: dict[Any, Any] = {}  # what a strategy works out once per call
 
     @classmethod
     def build(

@@ -64,7 +64,7 @@ class Tape:
         """
         call = self.call
         strategy = call.strategy
-        y1, y2 = x1, x2
+        y1, y2 = [t.detach() for t in x1], [t.detach() for t in x2]  # nothing to record here
         with torch.no_grad():
             for index, block in blocks:
                 step = Step(call, index, block, record=(self.positions, self.sources))

@@ -68,6 +68,11 @@ class ReversibleSequence(nn.Module):
             (measured on the first call for each input shape: see
             [`plan`][revtree.ReversibleSequence.plan]). Gradients are the same either way.
         namespace: The optree namespace of custom pytree nodes in the input.
+        compile: Run each block's forward and reverse as compiled functions of its
+            tensors (``torch.compile``), one graph shared by every block of the same
+            structure. A block's first step runs eagerly, checked; blocks that draw random
+            numbers, change buffers, have hooks or cannot be traced stay eager, with a
+            [`RevtreeWarning`][revtree.RevtreeWarning]. Gradients are the same either way.
 
     Example:
         >>> import torch
@@ -107,11 +112,18 @@ class ReversibleSequence(nn.Module):
         check_drift: float | None = None,
         memory_budget: float = 0,
         namespace: str = "",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList([as_block(i, b) for i, b in enumerate(blocks)])
         self._layouts: dict[PyTreeSpec, Layout] = {}
         self.codec = codec
+        if not isinstance(compile, bool):
+            raise RevtreeError(
+                f"compile={compile!r} is not a bool. Hint: compile=True runs each block's "
+                "forward and reverse as compiled functions (see the performance page)."
+            )
+        self._compile = compile
         self.coupling = coupling
         self.reversible = reversible
         self.route = route
@@ -143,7 +155,7 @@ class ReversibleSequence(nn.Module):
                 f"coupling={value!r} is not a revtree Coupling. Hint: use "
                 "revtree.couplings.Additive(), Affine(), Momentum() or a Coupling subclass."
             )
-        self._strategy: Strategy = strategy_for(value)
+        self._strategy: Strategy = strategy_for(value, self._compile)
 
     @property
     def route(self) -> Route:

@@ -16,13 +16,14 @@ return: nothing is written to a caller's tensor from inside.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from . import _checks, _trees
-from ._errors import RevtreeError
+from ._errors import RevtreeError, RevtreeWarning
 from ._step import WHO, Backward, Step
 from .couplings import Additive, Coupling, Elementwise
 
@@ -63,10 +64,21 @@ class Strategy:
         raise NotImplementedError
 
 
-def strategy_for(coupling: Coupling) -> Strategy:
-    """The strategy for ``coupling``."""
+def strategy_for(coupling: Coupling, compile: bool = False) -> Strategy:
+    """The strategy for ``coupling``, on the compiled engine (elementwise couplings) if asked."""
     if isinstance(coupling, Elementwise):
+        if compile:
+            from ._compiled import CompiledStrategy
+
+            return CompiledStrategy(coupling)
         return ElementwiseStrategy(coupling)
+    if compile:
+        warnings.warn(
+            f"compile=True compiles elementwise couplings (Additive, Affine); {coupling!r} "
+            "runs on the eager engine.",
+            RevtreeWarning,
+            stacklevel=4,
+        )
     return GenericStrategy(coupling)
 
 

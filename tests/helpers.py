@@ -105,7 +105,8 @@ class RichMixer(TreeMixer):
 
     def forward(self, tree: Any, ctx: Any = None, scale: float = 1.0) -> Any:
         if self.island:
-            with torch.autocast("cpu", enabled=False):
+            device = optree.tree_leaves(tree)[0].device.type
+            with torch.autocast(device, enabled=False):
                 out = super().forward(tree, ctx, scale)
         else:
             out = super().forward(tree, ctx, scale)

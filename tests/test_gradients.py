@@ -38,8 +38,30 @@ def _loss(y) -> torch.Tensor:
     return total
 
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    ),
+]
+"""The property tests run on every device there is (CI has the CPU only)."""
+
+
+def _on(x, device):
+    """The tree ``x`` on ``device``: leaves again, requiring grad as they did."""
+    return optree.tree_map(lambda t: t.detach().to(device).requires_grad_(t.requires_grad), x)
+
+
+def _rng_states():
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.append(torch.cuda.get_rng_state())
+    return states
+
+
 def _step(forward, sources, mode, seed, loss_of=None):
-    """One training step from ``seed``: the output, the gradients, and the RNG state after."""
+    """One training step from ``seed``: the output, the gradients, and the RNG states after."""
     torch.manual_seed(seed)
     y = forward()
     loss = _loss(y) if loss_of is None else loss_of(y)
@@ -52,7 +74,7 @@ def _step(forward, sources, mode, seed, loss_of=None):
         grads = [s.grad for s in sources]
         for s in sources:
             s.grad = None
-    return y, list(grads), torch.get_rng_state()
+    return y, list(grads), _rng_states()
 
 
 def _is_shape(s) -> bool:
@@ -93,13 +115,14 @@ def cases(draw, prefix: bool = False, dropouts=(0.0, 0.3)):
     )
 
 
-def _check_against_reference(case) -> list:
+def _check_against_reference(case, device="cpu") -> list:
     """Outputs, gradients of every source and the RNG stream after a step, against plain
     autograd written independently of revtree (``helpers.reference``, per-leaf codecs)."""
-    x, codecs = case["x"], case["codecs"]
+    x, codecs = _on(case["x"], device), case["codecs"]
     blocks = make_blocks(half_widths(x, codecs), case["depth"], case["dropout"], case["seed"])
-    upstream = nn.Parameter(torch.linspace(-1, 1, 3, dtype=torch.float64))
-    ctx_leaf = torch.linspace(0.5, -0.5, 4, dtype=torch.float64, requires_grad=True)
+    blocks = [(f.to(device), g.to(device)) for f, g in blocks]
+    upstream = nn.Parameter(torch.linspace(-1, 1, 3, dtype=torch.float64, device=device))
+    ctx_leaf = torch.linspace(0.5, -0.5, 4, dtype=torch.float64, device=device).requires_grad_()
     route = case["route"]
 
     def kwargs():
@@ -107,7 +130,11 @@ def _check_against_reference(case) -> list:
             return {}
         # a leaf tensor and non-leaf tensors that need gradients, in a nested tree, beside
         # non-tensor leaves
-        ctx = {"c": (upstream * 2).sin(), "k": [upstream.exp(), torch.arange(3)], "leaf": ctx_leaf}
+        ctx = {
+            "c": (upstream * 2).sin(),
+            "k": [upstream.exp(), torch.arange(3, device=device)],
+            "leaf": ctx_leaf,
+        }
         return {"ctx": ctx, "scale": 0.5}
 
     seq = revtree.ReversibleSequence(
@@ -146,16 +173,17 @@ def _check_against_reference(case) -> list:
     assert_trees_close(y_rev, y_ref, what="reversible output")
     assert_trees_close(g_plain, g_ref, what="reversible=False gradient")
     assert_trees_close(g_rev, g_ref, what="reversible gradient")
-    assert torch.equal(rng_rev, rng_ref), "the RNG stream after a step differs from plain autograd"
-    assert torch.equal(rng_plain, rng_ref)
+    assert all(map(torch.equal, rng_rev, rng_ref)), "the RNG stream after a step differs"
+    assert all(map(torch.equal, rng_plain, rng_ref))
     if mode == "grad":
         assert all(s.grad is None for s in sources), "autograd.grad wrote .grad"
     return g_rev
 
 
-@given(cases())
-def test_gradients_equal_plain_autograd(case):
-    _check_against_reference(case)
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=cases())
+def test_gradients_equal_plain_autograd(device, case):
+    _check_against_reference(case, device)
 
 
 @pytest.mark.parametrize("mode", ["backward", "grad"])
@@ -272,17 +300,17 @@ def rich_cases(draw, float32: bool = False):
     )
 
 
-def _rich_step(case, steps=2):
+def _rich_step(case, device="cpu", steps=2):
     """Two training steps of revtree and of plain autograd (``helpers.reference``)."""
     x, codecs = case["x"], case["codecs"]
     dtype = torch.float32 if case["island"] else torch.float64
-    x = optree.tree_map(lambda t: t.detach().to(dtype).requires_grad_(), x)
+    x = optree.tree_map(lambda t: t.detach().to(device, dtype).requires_grad_(), x)
     widths = half_widths(x, codecs)
     blocks = [
         tuple(
             RichMixer(
                 widths, case["dropout"], case["seed"] + 2 * i + j, case["counter"], case["island"]
-            ).to(dtype)
+            ).to(device, dtype)
             for j in range(2)
         )
         for i in range(case["depth"])
@@ -301,7 +329,7 @@ def _rich_step(case, steps=2):
         for who, bs in (("revtree", blocks), ("plain", ref)):
             bs[0][0].mix.register_hook(hook(who))
     seq = revtree.ReversibleSequence(blocks, codec=case["codec_tree"])
-    upstream = torch.tensor(1.25, dtype=dtype, requires_grad=True)
+    upstream = torch.tensor(1.25, dtype=dtype, device=device, requires_grad=True)
     names = [n for n, _ in seq.named_parameters()]
     ref_slots = [(m, n) for pair in ref for fn in pair for m in fn.modules() for n in m._parameters]
 
@@ -332,7 +360,7 @@ def _rich_step(case, steps=2):
     def forward(run):  # autocast around the forward only, as training loops run it
         if not case["island"]:
             return run()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             return run()
 
     inputs = optree.tree_leaves(x)
@@ -354,16 +382,18 @@ def _rich_step(case, steps=2):
     assert fired["revtree"] == fired["plain"]
 
 
-@given(rich_cases())
-def test_real_model_features_equal_plain_autograd(case):
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=rich_cases())
+def test_real_model_features_equal_plain_autograd(device, case):
     """Parameter hooks, buffers read and updated, functional_call with computed parameters
     and outputs the loss leaves out: every gradient (None where plain autograd gives None),
     every buffer, the hooks' calls, over two steps, against plain autograd in float64."""
-    _rich_step(case)
+    _rich_step(case, device)
 
 
-@given(rich_cases(float32=True))
-def test_float32_islands_under_autocast_equal_plain_autograd(case):
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=rich_cases(float32=True))
+def test_float32_islands_under_autocast_equal_plain_autograd(device, case):
     """The same blocks, their linear maps in float32 islands, run under bfloat16 autocast and
     back-propagated outside it: the gradients of float32 arithmetic, as plain autograd's."""
-    _rich_step(case)
+    _rich_step(case, device)

@@ -6,6 +6,7 @@ import gc
 import os
 import socket
 import warnings
+from datetime import timedelta
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def _train(model, batches, steps=3):
 
 def _ddp_worker(rank, world, port, find_unused, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         model = nn.parallel.DistributedDataParallel(
             Model(reversible=True), find_unused_parameters=find_unused
@@ -105,7 +106,7 @@ def _fsdp_worker(rank, world, port, out):
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         model = Model(reversible=True)
         fully_shard(model.seq)  # the reversible sequence is one unit, gathered for its backward
