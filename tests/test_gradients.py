@@ -33,7 +33,8 @@ from revtree.codecs import Duplicate, Rearrange, Split
 def _loss(y) -> torch.Tensor:
     total = 0
     for i, leaf in enumerate(optree.tree_leaves(y)):
-        w = torch.linspace(-1, 1, leaf.numel(), dtype=leaf.dtype).reshape(leaf.shape)
+        w = torch.linspace(-1, 1, leaf.numel(), dtype=leaf.dtype, device=leaf.device)
+        w = w.reshape(leaf.shape)
         total = total + (w * leaf).sum() + (i + 1) * (leaf**2).mean()
     return total
 
