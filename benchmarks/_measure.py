@@ -9,6 +9,12 @@ JSON line (``emit``), which the parent parses.
 
 Time is measured in one process, the systems interleaved (A B C A B C ...), so that machine
 noise hits all of them alike (``interleaved_medians``).
+
+``--device cuda`` (``add_device_arguments``, ``use_device``): models and inputs are made on
+the GPU (as the default device), memory is ``torch.cuda.memory_allocated`` after the
+forward and ``max_memory_allocated`` over the step, less what was allocated before, and
+every timed run is synchronised with the device. ``--dtype bfloat16`` makes every model and
+input in that dtype (as the default dtype).
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+import torch
+
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 MB = 2**20
 PAGE = os.sysconf("SC_PAGE_SIZE")
+DEVICE = torch.device("cpu")  # set by use_device
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 MEMORY_METHOD = (
@@ -38,6 +47,51 @@ MEMORY_METHOD = (
     "         it includes the parameter gradients, which backward allocates (param MB)",
 )
 """The lines that describe the memory method, as the benchmarks print them."""
+
+CUDA_MEMORY_METHOD = (
+    "Memory: torch.cuda.memory_allocated, a fresh subprocess per row",
+    "  held = allocated after forward - allocated before forward (what backward will need)",
+    "  peak = max_memory_allocated over the step - allocated before forward;",
+    "         it includes the parameter gradients, which backward allocates (param MB)",
+)
+
+
+def memory_method() -> tuple[str, ...]:
+    """The lines that describe how memory is measured on the device in use."""
+    return CUDA_MEMORY_METHOD if DEVICE.type == "cuda" else MEMORY_METHOD
+
+
+# ---------------------------------------------------------------- device
+
+
+def add_device_arguments(parser: Any) -> None:
+    """``--device`` and ``--dtype``, for ``use_device``."""
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+
+
+def use_device(args: Any) -> list[str]:
+    """Make models and inputs on ``args.device`` in ``args.dtype``; return the flags for workers."""
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    if DEVICE.type != "cpu":
+        torch.set_default_device(DEVICE)
+    torch.set_default_dtype(getattr(torch, args.dtype))
+    return ["--device", args.device, "--dtype", args.dtype]
+
+
+def sync() -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def on_device(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (made on the CPU, say by a seeded generator) on the device, in the default dtype."""
+    dtype = torch.get_default_dtype() if t.is_floating_point() else t.dtype
+    return t.to(DEVICE, dtype).requires_grad_(t.requires_grad)
 
 
 # ---------------------------------------------------------------- process memory
@@ -88,6 +142,16 @@ def step_memory(
         backward minus RSS before forward (``None`` if VmHWM cannot be reset).
     """
     gc.collect()
+    if DEVICE.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = forward()
+        sync()
+        held = torch.cuda.memory_allocated() - before
+        backward(out)
+        sync()
+        return held, torch.cuda.max_memory_allocated() - before
     can_peak = reset_peak_rss()
     before = rss()
     out = forward()
@@ -127,8 +191,10 @@ def emit(result: Any) -> None:
 def timed(fn: Callable[[], object]) -> float:
     """Seconds that ``fn()`` takes, garbage collected beforehand."""
     gc.collect()
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 

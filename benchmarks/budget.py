@@ -29,13 +29,15 @@ from pathlib import Path
 import torch
 from _measure import (
     MB,
-    MEMORY_METHOD,
+    add_device_arguments,
     emit,
     fmt,
     interleaved_medians,
+    memory_method,
     progress,
     run_worker,
     step_memory,
+    use_device,
     verdict,
 )
 from torch import nn
@@ -112,9 +114,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per system")
     parser.add_argument("--plot", default=None, help="write the budget curve to this PNG")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    add_device_arguments(parser)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    device = use_device(args)
     shape = (4, 64, 256) if args.quick else (16, 128, 256)
     if args.memory_worker:
         emit(asdict(measure_memory(args.memory_worker, shape)))
@@ -122,9 +126,12 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 5)
     systems = ["plain", *map(str, FRACTIONS)]
 
-    print(f"revtree {revtree.__version__}, torch {torch.__version__}, {args.threads} thread(s)")
+    print(
+        f"revtree {revtree.__version__}, torch {torch.__version__}, {args.threads} thread(s), "
+        f"device {args.device}"
+    )
     width = shape[-1] // 2
-    print(f"input {shape} float32, Split(-1); {DEPTH} blocks, f and g: LayerNorm -> ")
+    print(f"input {shape} {args.dtype}, Split(-1); {DEPTH} blocks, f and g: LayerNorm -> ")
     print(f"  Linear({width}, {4 * width}) -> GELU -> Linear({4 * width}, {width})")
     seq, x = build(shape)
     plain_bytes = plain_activation_bytes(seq, x)
@@ -133,7 +140,7 @@ def main() -> None:
     memory: dict[str, Memory] = {}
     for i, s in enumerate(systems, 1):
         progress(f"memory: {label(s)} ({i}/{len(systems)})")
-        argv = ["--threads", str(args.threads), "--memory-worker", s]
+        argv = ["--threads", str(args.threads), "--memory-worker", s, *device]
         memory[s] = Memory(**run_worker(__file__, argv + (["--quick"] if args.quick else [])))
 
     progress(f"time: {len(systems)} systems interleaved, {repeats} rounds")
@@ -146,7 +153,7 @@ def main() -> None:
     )
     progress("")
 
-    print("\n".join(MEMORY_METHOD))
+    print("\n".join(memory_method()))
     print(f"Time: median of {repeats}, every system interleaved in one process\n")
     print(
         f"{'system':<14} {'budget MB':>10} {'stored':>7} {'held MB':>9} {'x plain':>8} "

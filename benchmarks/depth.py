@@ -25,13 +25,15 @@ from dataclasses import asdict, dataclass
 import torch
 from _measure import (
     MB,
-    MEMORY_METHOD,
+    add_device_arguments,
     emit,
     fmt,
     interleaved_medians,
+    memory_method,
     progress,
     run_worker,
     step_memory,
+    use_device,
     verdict,
 )
 from torch import nn
@@ -112,10 +114,12 @@ def measure_memory(system: str, depth: int, shape: tuple[int, ...]) -> Memory:
     return Memory(held / MB, None if peak is None else peak / MB, params / MB)
 
 
-def memory_in_subprocess(system: str, depth: int, shape: tuple[int, ...], threads: int) -> Memory:
+def memory_in_subprocess(
+    system: str, depth: int, shape: tuple[int, ...], threads: int, device: list[str]
+) -> Memory:
     shape_arg = ",".join(map(str, shape))
     args = ["--threads", str(threads), "--shape", shape_arg, "--memory-worker", f"{system}:{depth}"]
-    return Memory(**run_worker(__file__, args))
+    return Memory(**run_worker(__file__, [*args, *device]))
 
 
 # ---------------------------------------------------------------- time (interleaved, one process)
@@ -155,9 +159,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per system")
     parser.add_argument("--shape", default=None, help="input leaf shape, e.g. 16,128,256")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    add_device_arguments(parser)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    device = use_device(args)
     shape = (4, 64, 256) if args.quick else (16, 128, 256)
     if args.shape:
         shape = tuple(int(n) for n in args.shape.split(","))
@@ -168,8 +174,11 @@ def main() -> None:
     depths = sorted(args.depths or ([4, 16] if args.quick else [4, 8, 16, 32]))
     repeats = args.repeats or (3 if args.quick else 5)
 
-    print(f"revtree {revtree.__version__}, torch {torch.__version__}, {args.threads} thread(s)")
-    print(f"input {{'a', 'b'}}: {shape} float32 each, codec Split(-1)")
+    print(
+        f"revtree {revtree.__version__}, torch {torch.__version__}, {args.threads} thread(s), "
+        f"device {args.device}"
+    )
+    print(f"input {{'a', 'b'}}: {shape} {args.dtype} each, codec Split(-1)")
     print("block: f and g map each half-stream leaf through LayerNorm -> Linear -> GELU -> Linear")
     width = shape[-1] // 2
     print(f"  ({width} -> {4 * width} -> {width} channels)\n")
@@ -178,14 +187,14 @@ def main() -> None:
     runs = [(s, d) for d in depths for s in SYSTEMS]
     for i, (s, d) in enumerate(runs, 1):
         progress(f"memory: {s} depth {d} ({i}/{len(runs)})")
-        memory[s, d] = memory_in_subprocess(s, d, shape, args.threads)
+        memory[s, d] = memory_in_subprocess(s, d, shape, args.threads, device)
     timing: dict[int, dict[str, Timing]] = {}
     for i, d in enumerate(depths, 1):
         progress(f"time: depth {d} ({i}/{len(depths)}), {repeats} interleaved repeats")
         timing[d] = measure_time(d, shape, repeats)
     progress("")
 
-    print("\n".join(MEMORY_METHOD))
+    print("\n".join(memory_method()))
     header = f"{'system':<8} {'depth':>5} {'held MB':>9} {'x plain':>8}"
     print(f"{header} {'peak MB':>9} {'param MB':>9}")
     for d in depths:

@@ -38,14 +38,17 @@ from typing import Any
 import torch
 from _measure import (
     MB,
-    MEMORY_METHOD,
+    add_device_arguments,
     emit,
     fmt,
     interleaved_medians,
+    memory_method,
+    on_device,
     progress,
     ratio,
     run_worker,
     step_memory,
+    use_device,
     verdict,
 )
 from equiformer_pytorch import Equiformer
@@ -132,14 +135,15 @@ class Inputs:
     @classmethod
     def make(cls, config: Config) -> Inputs:
         """Random but fixed inputs."""
-        g = torch.Generator().manual_seed(1)
+        g = torch.Generator("cpu").manual_seed(1)
         b, n = config.batch, config.nodes
+        cpu = {"generator": g, "device": "cpu"}
         return cls(
-            feats=torch.randint(0, config.num_tokens, (b, n), generator=g),
-            coors=torch.randn(b, n, 3, generator=g),
-            mask=torch.ones(b, n, dtype=torch.bool),
-            w0=torch.randn(b, n, generator=g),
-            w1=torch.randn(b, n, 3, generator=g),
+            feats=on_device(torch.randint(0, config.num_tokens, (b, n), **cpu)),
+            coors=on_device(torch.randn(b, n, 3, **cpu)),
+            mask=on_device(torch.ones(b, n, dtype=torch.bool, device="cpu")),
+            w0=on_device(torch.randn(b, n, **cpu)),
+            w1=on_device(torch.randn(b, n, 3, **cpu)),
         )
 
 
@@ -176,9 +180,9 @@ def measure_memory(system: str, config: Config) -> Memory:
     return Memory(held / MB, None if peak is None else peak / MB, params / MB)
 
 
-def memory_in_subprocess(system: str, config: Config, threads: int) -> Memory:
+def memory_in_subprocess(system: str, config: Config, threads: int, device: list[str]) -> Memory:
     args = ["--threads", str(threads), "--nodes", str(config.nodes), "--depth", str(config.depth)]
-    return Memory(**run_worker(__file__, [*args, "--memory-worker", system]))
+    return Memory(**run_worker(__file__, [*args, "--memory-worker", system, *device]))
 
 
 # ---------------------------------------------------------------- time and gradients
@@ -226,9 +230,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per system")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    add_device_arguments(parser)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    device = use_device(args)
     nodes = args.nodes or (16 if args.quick else 32)
     depth = args.depth or (4 if args.quick else 8)
     config = Config(nodes=nodes, depth=depth)
@@ -248,7 +254,7 @@ def main() -> None:
     )
     print(
         f"  heads {c.heads}, dim_head {c.dim_head}, num_tokens {c.num_tokens}, "
-        "reduce_dim_out=True, float32, CPU, training mode"
+        f"reduce_dim_out=True, {args.dtype}, {args.device}, training mode"
     )
     print("loss: type-0 and type-1 outputs, weighted by fixed random tensors, summed")
     print("systems, same weights (package-rev seeded, state dict loaded strict=True into others):")
@@ -259,7 +265,7 @@ def main() -> None:
     memory: dict[str, Memory] = {}
     for i, s in enumerate(SYSTEMS, 1):
         progress(f"memory: {s} ({i}/{len(SYSTEMS)})")
-        memory[s] = memory_in_subprocess(s, config, args.threads)
+        memory[s] = memory_in_subprocess(s, config, args.threads, device)
     progress("building the models")
     models = build(config, SYSTEMS)
     x = Inputs.make(config)
@@ -271,7 +277,7 @@ def main() -> None:
 
     n_params = sum(p.numel() for p in models["package-rev"].parameters())
     print(f"{n_params:,} parameters ({memory['package-rev'].params:.1f} MB)\n")
-    print("\n".join(MEMORY_METHOD))
+    print("\n".join(memory_method()))
     print(f"Time: median of {repeats}, the three systems interleaved in one process")
     print("  step = forward + loss + backward (+ zero_grad)")
     print(f"x pkg, x seq: ratio to package-rev, to sequential (n/a: base below {HELD_NOISE} MB)\n")

@@ -59,18 +59,21 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import _measure
 import optree
 import torch
 from _measure import (
     MB,
-    MEMORY_METHOD,
+    add_device_arguments,
     emit,
     fmt,
     interleaved_medians,
+    memory_method,
     progress,
     ratio,
     run_worker,
     step_memory,
+    use_device,
     verdict,
 )
 from torch import nn
@@ -309,10 +312,10 @@ def grad_depth(workload: str, cfg: Config) -> int:
 
 def make_input(workload: str, cfg: Config, dtype: torch.dtype) -> tuple[Any, Any]:
     """The input (leaves require grad) and the fixed random weights of the loss."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator("cpu").manual_seed(1)
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=dtype)
+    def randn(*shape: int) -> torch.Tensor:  # drawn on the CPU, then on the device
+        return torch.randn(*shape, generator=g, dtype=dtype, device="cpu").to(_measure.DEVICE)
 
     if workload == "a":
         shape = (cfg.a_batch, cfg.a_tokens, 2 * cfg.a_dim)
@@ -508,8 +511,9 @@ class Memory:
 
 def measure_memory(workload: str, system: str, depth: int, cfg: Config) -> Memory:
     """Run in the subprocess: held and peak RSS growth of one training step."""
-    model = build(workload, system, make_pairs(workload, cfg, depth, torch.float32))
-    x, w = make_input(workload, cfg, torch.float32)
+    dtype = torch.get_default_dtype()  # float32, or --dtype
+    model = build(workload, system, make_pairs(workload, cfg, depth, dtype))
+    x, w = make_input(workload, cfg, dtype)
     train_step(model, x, w)  # warm-up: allocator pools, lazy initialisation
     held, peak = step_memory(lambda: model(x), lambda y: loss_of(y, w).backward())
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -520,6 +524,7 @@ def memory_in_subprocess(
     workload: str, system: str, depth: int, args: argparse.Namespace
 ) -> Memory:
     argv = ["--threads", str(args.threads), "--memory-worker", f"{workload}:{system}:{depth}"]
+    argv += ["--device", args.device, "--dtype", args.dtype]
     if args.quick:
         argv.append("--quick")
     try:
@@ -542,10 +547,11 @@ def measure_time(
     workload: str, systems: list[str], depth: int, cfg: Config, repeats: int, warm: bool = True
 ) -> dict[str, Timing]:
     """Median times of ``systems``, interleaved; ``warm``: one untimed step of each first."""
-    pairs = make_pairs(workload, cfg, depth, torch.float32)
+    dtype = torch.get_default_dtype()  # float32, or --dtype
+    pairs = make_pairs(workload, cfg, depth, dtype)
     models = {s: build(workload, s, copy.deepcopy(pairs)) for s in systems}
     del pairs
-    x, w = make_input(workload, cfg, torch.float32)
+    x, w = make_input(workload, cfg, dtype)
     tasks: dict[tuple[str, str], Callable[[], None]] = {}
     for s in systems:  # per round: A step, A forward, B step, B forward, ...
         tasks[s, "step"] = partial(train_step, models[s], x, w)
@@ -688,9 +694,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="memory workers run side by side")
     parser.add_argument("--plot", default=None, help="PNG path (default docs/img/peers.png)")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    add_device_arguments(parser)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    use_device(args)
     warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # MemCNN, each step
     cfg = Config.make(args.quick, args.depths, args.repeats)
     if args.memory_worker:
@@ -708,7 +716,7 @@ def main() -> None:
     print(
         f"revtree {revtree.__version__} ({git_revision()}), torch {torch.__version__}, "
         f"{args.threads} thread(s), "
-        f"{os.cpu_count()} CPU(s), float32 CPU unless said"
+        f"{os.cpu_count()} CPU(s), {args.dtype} on {args.device} unless said"
     )
     peers = [s for s in SYSTEMS if SYSTEMS[s][1]]
     for s in peers:
@@ -779,7 +787,7 @@ def main() -> None:
     progress("")
 
     # ------------------------------------------------------------ tables
-    print("\n".join(MEMORY_METHOD))
+    print("\n".join(memory_method()))
     print("Time: medians; per (workload, depth) every system timed in one process, interleaved")
     print("  (A step, A forward, B step, B forward, ...); one untimed step of each first")
     print("  (for workload a at its first depth only: the process is warm after it);")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _measure import interleaved_medians, progress
+from _measure import add_device_arguments, interleaved_medians, on_device, progress, use_device
 
 try:
     from reformer_pytorch import ReformerLM
@@ -30,11 +30,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=None)
+    add_device_arguments(parser)
     args = parser.parse_args()
     if ReformerLM is None:
         print("reformer-pytorch is not installed: pip install reformer-pytorch==1.4.4")
         return
     torch.set_num_threads(args.threads)
+    use_device(args)
     depth, seq = (2, 128) if args.quick else (6, 512)
     repeats = args.repeats or (3 if args.quick else 7)
     config = dict(
@@ -57,7 +59,11 @@ def main() -> None:
         models["revtree"] = ReformerLM(**config)
     for model in models.values():
         model.load_state_dict(models["package-rev"].state_dict(), strict=True)
-    tokens = torch.randint(0, 256, (2, seq + 1), generator=torch.Generator().manual_seed(1))
+    tokens = on_device(
+        torch.randint(
+            0, 256, (2, seq + 1), generator=torch.Generator("cpu").manual_seed(1), device="cpu"
+        )
+    )
 
     def step(model: torch.nn.Module) -> None:
         logits = model(tokens[:, :-1].contiguous())
@@ -73,7 +79,7 @@ def main() -> None:
     progress("")
     print(
         f"ReformerLM: depth {depth}, {seq} tokens, batch 2, dim 128, 4 heads, LSH with 2 "
-        f"hashes, dropout 0.1, float32, {args.threads} thread(s)"
+        f"hashes, dropout 0.1, {args.dtype}, {args.threads} thread(s), device {args.device}"
     )
     print(f"training step, median of {repeats}, the three systems interleaved in one process\n")
     print(f"{'system':<12} {'step ms':>9} {'x package':>10} {'x plain':>8}")
