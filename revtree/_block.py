@@ -37,7 +37,13 @@ class Block(nn.Module):
         self.g = as_module(g)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Not callable on its own: a block runs inside a ``ReversibleSequence``."""
+        """Not callable on its own: a block runs inside a ``ReversibleSequence``.
+
+        The sequence calls a block that is an FSDP unit with the step to run, so that the
+        unit's hooks gather and free its parameters around it.
+        """
+        if args and isinstance(args[0], _Run):
+            return args[0](*args[1:])
         raise RevtreeError(
             "a revtree Block is run by its ReversibleSequence, not called directly. "
             "Hint: call the sequence, or call block.f / block.g."
@@ -97,3 +103,15 @@ def _describe(block: Any) -> str:
         kinds = ", ".join(type(b).__name__ for b in block)
         return f"a {type(block).__name__} of {len(block)} ({kinds})"
     return type(block).__name__
+
+
+class _Run:
+    """A step the sequence runs inside a block's own call (see ``Block.forward``)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)

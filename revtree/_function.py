@@ -17,14 +17,15 @@ parameter's hooks fire once, and a source that does not reach the loss gets ``No
 
 from __future__ import annotations
 
+from functools import partial
 from itertools import chain
 from typing import Any
 
 import torch
 
-from . import _checks, _drift
+from . import _checks, _drift, _fsdp
 from ._autocast import NOTHING
-from ._block import Block
+from ._block import Block, _Run
 from ._call import Call
 from ._errors import RevtreeError
 from ._rng import preserved
@@ -40,6 +41,7 @@ class Tape:
         "__weakref__",
         "call",
         "hooked",
+        "managed",
         "outputs",
         "positions",
         "sources",
@@ -55,6 +57,7 @@ class Tape:
         self.versions: list[int] = []
         self.outputs: tuple[torch.Tensor, ...] = ()
         self.hooked = False  # whether a block's f or g has hooks of its own
+        self.managed = False  # whether FSDP manages parameters of a block
 
     def run(self, blocks: list[tuple[int, Block]], x1: Leaves, x2: Leaves) -> tuple[Leaves, Leaves]:
         """Run ``blocks`` forward, storing nothing; return the output streams.
@@ -69,17 +72,26 @@ class Tape:
             for index, block in blocks:
                 step = Step(call, index, block, record=(self.positions, self.sources))
                 self.hooked = self.hooked or _has_hooks(block.f) or _has_hooks(block.g)
+                self.managed = self.managed or step.managed
                 if call.check_drift is not None:
                     step.sample = _drift.sample([*y1, *y2])
-                y1, y2 = strategy.forward(step, y1, y2)
+                if step.unit:  # an FSDP unit: its hooks gather its parameters around it
+                    y1, y2 = block(_Run(partial(strategy.forward, step, y1, y2)))
+                else:
+                    y1, y2 = strategy.forward(step, y1, y2)
                 self.steps.append(step)
         kw = call.context.tensors
-        if not (self.sources or any(t.requires_grad for t in chain(x1, x2, kw))):
+        sources = self.sources
+        if self.managed and torch.is_grad_enabled():
+            # FSDP's parameters are no inputs of the Function (FSDP hands them their
+            # gradients): one input that needs a gradient keeps the outputs in the graph
+            sources = [*sources, _fsdp.anchor(y1[0].device)]
+        if not (sources or any(t.requires_grad for t in chain(x1, x2, kw))):
             return y1, y2
         n = len(y1)
         self.versions = _checks.versions(self.sources)
         self.outputs = (*y1, *y2)
-        out = ReversibleFunction.apply(self, *x1, *x2, *kw, *self.sources)
+        out = ReversibleFunction.apply(self, *x1, *x2, *kw, *sources)
         return list(out[:n]), list(out[n:])
 
 
@@ -116,12 +128,21 @@ class ReversibleFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         kw_needs = needs[1 + 2 * n : 1 + 2 * n + len(kw)]
         keywords = [t.detach().requires_grad_() if need else t for t, need in zip(kw, kw_needs)]
-        back = Backward(call, tape.sources, keywords, accumulate=tape.hooked or _tracked())
+        back = Backward(
+            call,
+            tape.sources,
+            keywords,
+            accumulate=tape.hooked or _tracked(),
+            open=tape.managed,
+        )
         strategy = call.strategy
         warned = False
         with preserved(call.generators) if call.generators is not None else NOTHING:
             for step in reversed(tape.steps):
-                y1, y2, dy1, dy2 = strategy.reverse(step, back, y1, y2, dy1, dy2)
+                if step.unit:
+                    y1, y2, dy1, dy2 = _reverse_unit(step, back, y1, y2, dy1, dy2)
+                else:
+                    y1, y2, dy1, dy2 = strategy.reverse(step, back, y1, y2, dy1, dy2)
                 if step.sample is not None and not warned:
                     assert call.check_drift is not None
                     warned = _drift.check(
@@ -131,7 +152,29 @@ class ReversibleFunction(torch.autograd.Function):
         dx = [d if need else None for d, need in zip(chain(dy1, dy2), needs[1 : 1 + 2 * n])]
         wanted = iter(back.keyword_grads())
         dkw = [next(wanted) if need else None for need in kw_needs]
-        return (None, *dx, *dkw, *back.source_grads())
+        anchors = [None] * (len(needs) - 1 - 2 * n - len(kw) - len(tape.sources))
+        return (None, *dx, *dkw, *back.source_grads(), *anchors)
+
+
+def _reverse_unit(
+    step: Step, back: Backward, y1: Leaves, y2: Leaves, dy1: list[Any], dy2: list[Any]
+) -> tuple[Leaves, Leaves, list[Any], list[Any]]:
+    """The reverse step of a block that is an FSDP unit, inside its own call.
+
+    The unit's pre-hook gathers its parameters and hooks its post-backward (the
+    reduce-scatter of its gradients, and freeing its parameters) onto the anchor, which the
+    step back-propagates into once it is done (see ``_fsdp``).
+    """
+    source = _fsdp.anchor(y1[0].device)
+
+    def run(carried: torch.Tensor) -> tuple[Leaves, Leaves, list[Any], list[Any]]:
+        with torch.no_grad():
+            out = step.call.strategy.reverse(step, back, y1, y2, dy1, dy2)
+        _fsdp.release(carried, source)
+        return out
+
+    with torch.enable_grad():  # so that the unit hooks its post-backward onto the anchor
+        return step.block(_Run(run), source)
 
 
 def _tracked() -> bool:

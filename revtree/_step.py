@@ -21,6 +21,7 @@ from torch.overrides import has_torch_function
 from . import _checks, _state, _trees
 from ._autocast import NOTHING
 from ._buffers import Snapshot
+from ._fsdp import is_unit
 from ._rng import State
 
 if TYPE_CHECKING:
@@ -39,18 +40,29 @@ Signature = list[Any]  # the shape of each leaf a call returned
 class Reads:
     """What one function (``f`` or ``g``) of a block read, call after call, in the forward pass."""
 
-    __slots__ = ("calls", "modules", "names", "outputs", "params", "sources")
+    __slots__ = ("calls", "managed", "modules", "names", "outputs", "params", "sources")
 
-    def __init__(self, module: nn.Module, positions: dict[int, int], sources: Leaves) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        positions: dict[int, int],
+        sources: Leaves,
+        managed: bool = False,
+    ) -> None:
         params: list[Param] = []
         names: list[str] = []  # each parameter's name in the module, for functional_call
         used: list[int] = []
         modules: list[nn.Module] = []  # those holding buffers
-        stack: list[tuple[nn.Module, str]] = [(module, "")]
+        # FSDP units put their gathered parameters in their slots when called: those are
+        # theirs to manage, not recorded here (see _fsdp)
+        self.managed = managed
+        stack: list[tuple[nn.Module, str, bool]] = [(module, "", managed)]
         while stack:
-            m, prefix = stack.pop()
+            m, prefix, unit = stack.pop()
+            if not unit and m._forward_pre_hooks and is_unit(m):
+                unit = self.managed = True
             slots = m._parameters
-            if slots:
+            if slots and not unit:
                 for name, p in slots.items():
                     if p is None:
                         continue
@@ -66,7 +78,9 @@ class Reads:
             if m._buffers:
                 modules.append(m)
             if m._modules:
-                stack.extend((c, f"{prefix}{n}.") for n, c in m._modules.items() if c is not None)
+                stack.extend(
+                    (c, f"{prefix}{n}.", unit) for n, c in m._modules.items() if c is not None
+                )
         self.params = params
         self.names = names
         self.sources = list(dict.fromkeys(used)) if used else used  # each once
@@ -87,7 +101,9 @@ class Backward:
     on the modules might ask the engine about the recomputation's inputs (``FlopCounterMode``
     and other module trackers ask whether their nodes will run, which ``autograd.grad``
     cannot say of a leaf), every handle is an alias and the engine accumulates into their
-    ``.grad`` instead (``accumulate``).
+    ``.grad`` instead (``accumulate``). Where FSDP manages parameters of a block, the engine
+    accumulates into every leaf the recomputation reaches (``open``): the aliases, and the
+    parameters FSDP gathered, whose gradients it reduce-scatters itself (see ``_fsdp``).
 
     ``keywords`` are the keyword tensors ``f`` and ``g`` see: detached aliases of those
     that need a gradient, the caller's own otherwise.
@@ -100,6 +116,7 @@ class Backward:
         "keywords",
         "kw_totals",
         "kwargs",
+        "open",
         "plain",
         "totals",
         "verify",
@@ -113,10 +130,12 @@ class Backward:
         keywords: Leaves,
         accumulate: bool = False,
         verify: bool = True,
+        open: bool = False,
     ) -> None:
         context = call.context
         self.verify = verify  # check, once per block, what else f and g depend on
-        self.accumulate = accumulate
+        self.open = open
+        self.accumulate = accumulate = accumulate or open
         self.handles = [
             t.detach().requires_grad_() if accumulate or not t.is_leaf or t._backward_hooks else t
             for t in sources
@@ -149,7 +168,7 @@ class Backward:
             return [None] * len(leaves)
         handles = self.handles
         kw = self.wanted[0] or self.wanted[1] if keywords else []
-        inputs = (*leaves, *(handles[p] for p in positions), *kw)
+        inputs = () if self.open else (*leaves, *(handles[p] for p in positions), *kw)
         if self.plain and _ENGINE is not None:
             # as torch.autograd.grad/backward run it, without their Python wrappers, which
             # re-validate every output and input: (outputs, grad_outputs, retain_graph,
@@ -158,7 +177,7 @@ class Backward:
                 tuple(kept), tuple(kept_grads), False, False, inputs, True, self.accumulate
             )
         elif self.accumulate:
-            torch.autograd.backward(kept, kept_grads, inputs=list(inputs))
+            torch.autograd.backward(kept, kept_grads, inputs=list(inputs) or None)
         else:
             out = torch.autograd.grad(kept, inputs, kept_grads, allow_unused=True)
         n = len(leaves)
@@ -212,7 +231,7 @@ class Step:
     recomputation to replay.
     """
 
-    __slots__ = ("block", "call", "compiled", "index", "reads", "sample")
+    __slots__ = ("block", "call", "compiled", "index", "reads", "sample", "unit")
 
     def __init__(
         self,
@@ -223,10 +242,20 @@ class Step:
     ) -> None:
         self.call, self.index, self.block = call, index, block
         self.reads: tuple[Reads, Reads] | None = None
+        # a block that is an FSDP unit runs through its own call (see _fsdp)
+        self.unit = bool(block._forward_pre_hooks) and is_unit(block)
         if record is not None:
-            self.reads = (Reads(block.f, *record), Reads(block.g, *record))
+            self.reads = (
+                Reads(block.f, *record, managed=self.unit),
+                Reads(block.g, *record, managed=self.unit),
+            )
         self.sample: Leaves | None = None
         self.compiled = False  # whether its forward ran compiled (see _compiled)
+
+    @property
+    def managed(self) -> bool:
+        """Whether FSDP manages parameters of the block (they get their gradients from it)."""
+        return self.reads is not None and (self.reads[0].managed or self.reads[1].managed)
 
     def forward(self, which: int, tree: Any, leaves: Leaves) -> Any:
         """Call ``f`` (``which == 0``) or ``g`` on a half-stream in the forward pass.
@@ -304,7 +333,7 @@ class Step:
             k_ = _checks.modified(keywords, kw_before)
             if k_ is not None:
                 _checks.keyword_modified(index, WHO[which], call.context.name(k_), keywords[k_])
-        if back.verify and (index, which) not in call.verified:  # once: what else it reads
+        if back.verify and not reads.managed and (index, which) not in call.verified:
             outputs = [t for t in _trees.flatten(out, call.namespace)[0] if _requires_grad(t)]
             found = _checks.foreign(outputs, [*leaves, *handles, *keywords])
             if found is not None:
