@@ -56,12 +56,7 @@ class _Never:
 
 
 def is_unit(module: nn.Module) -> bool:
-    """Whether ``module`` is an FSDP2 unit (its own ``fully_shard``). FSDP1 wrappers raise.
-
-    Cheap on the common path: a unit has forward pre-hooks.
-    """
-    if not module._forward_pre_hooks:
-        return False
+    """Whether ``module`` is an FSDP2 unit (its own ``fully_shard``). FSDP1 wrappers raise."""
     unit, legacy = _kinds()
     if isinstance(module, legacy):
         raise RevtreeError(
@@ -70,7 +65,7 @@ def is_unit(module: nn.Module) -> bool:
             "them. Hint: shard the blocks with torch.distributed.fsdp.fully_shard (FSDP2), "
             "or wrap the whole ReversibleSequence (or the model around it) instead."
         )
-    return isinstance(module, unit)
+    return bool(module._forward_pre_hooks) and isinstance(module, unit)
 
 
 def anchor(device: torch.device) -> torch.Tensor:

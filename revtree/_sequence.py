@@ -26,6 +26,7 @@ from .codecs import Codec, Split
 from .couplings import Additive, Coupling, Elementwise
 
 Leaves = list[torch.Tensor]
+_SELECTION = "__revtree_selection__"  # run()'s route and blocks, passed through __call__
 
 _LAYOUT_CACHE_SIZE = 32
 
@@ -253,6 +254,9 @@ class ReversibleSequence(nn.Module):
         Returns:
             A pytree with the structure of ``x``.
         """
+        selection = kwargs.pop(_SELECTION, None)
+        if selection is not None:  # from run(): this call's route and blocks
+            return self._run(x, kwargs, *selection)
         return self._run(x, kwargs, self.route)
 
     def run(
@@ -269,7 +273,9 @@ class ReversibleSequence(nn.Module):
         ``seq(x, **kwargs)`` is ``seq.run(x, kwargs)``. ``route`` overrides the sequence's
         for this call (``"f"``, ``"g"``, ``"both"`` or a pair ``(to_f, to_g)``, as
         reformer-pytorch's ``arg_route``); ``blocks`` are the indices of the blocks to run,
-        in order (layer dropout skips some).
+        in order (layer dropout skips some). It runs through the module's own call, so
+        that hooks on the sequence (FSDP's) run as for ``seq(x)``; from a subclass's own
+        ``forward`` (an adapter's), it runs the blocks directly.
 
         Args:
             x: A pytree of floating-point tensors.
@@ -296,7 +302,14 @@ class ReversibleSequence(nn.Module):
                     f"blocks={blocks} must be increasing indices below {len(self.blocks)}. "
                     "Hint: pass the indices of the blocks to run, in order, each once."
                 )
-        return self._run(x, kwargs or {}, self.route if route is None else route, blocks)
+        if route is not None:
+            parse_route(route)
+        selection = (self.route if route is None else route, blocks)
+        if type(self).forward is not ReversibleSequence.forward:
+            # a subclass's forward (an adapter's) calls run: its call ran the hooks already
+            return self._run(x, kwargs or {}, *selection)
+        # through the module's own call, so that its hooks (FSDP's among them) run
+        return self(x, **(kwargs or {}), **{_SELECTION: selection})
 
     def inverse(self, y: Any, /, **kwargs: Any) -> Any:
         """Compute the input that gives the output ``y``: the blocks undone, last to first.

@@ -59,7 +59,7 @@ class Reads:
         stack: list[tuple[nn.Module, str, bool]] = [(module, "", managed)]
         while stack:
             m, prefix, unit = stack.pop()
-            if not unit and m._forward_pre_hooks and is_unit(m):
+            if not unit and is_unit(m):
                 unit = self.managed = True
             slots = m._parameters
             if slots and not unit:
@@ -243,7 +243,7 @@ class Step:
         self.call, self.index, self.block = call, index, block
         self.reads: tuple[Reads, Reads] | None = None
         # a block that is an FSDP unit runs through its own call (see _fsdp)
-        self.unit = bool(block._forward_pre_hooks) and is_unit(block)
+        self.unit = is_unit(block)
         if record is not None:
             self.reads = (
                 Reads(block.f, *record, managed=self.unit),

@@ -253,3 +253,44 @@ def codec_prefixes(draw: st.DrawFn, x: Any) -> tuple[Any, list[Any]]:
         return unflatten(metadata, [b[0] for b in built]), [c for b in built for c in b[1]]
 
     return build(x, draw(st.sampled_from([False, False, False, True])))
+
+
+def finish() -> None:
+    """End a worker that succeeded: wait for the others, then leave at once.
+
+    Tearing a gloo process group down from Python can deadlock inside torch (the group's
+    destructor, holding the GIL, waits for a worker thread that waits for the GIL): a
+    worker that is done skips the teardown; the operating system closes its sockets.
+    """
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def spawn(worker: Any, *args: Any, nprocs: int = 2) -> None:
+    """``torch.multiprocessing.spawn`` of ``worker(rank, port, *args)`` on a free local port.
+
+    Gloo now and then kills a process by a signal on this machine's loopback ("terminate
+    called without an active exception"), not by any error of the code under test: such a
+    run is tried once more. An exception raised in a worker fails at once.
+    """
+    import socket
+
+    import torch.multiprocessing as mp
+
+    for attempt in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            mp.spawn(worker, args=(port, *args), nprocs=nprocs, join=True)
+            return
+        except mp.ProcessExitedException as e:
+            if attempt == 2 or e.signal_name is None:
+                raise

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 import warnings
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import TreeMixer, assert_trees_close, t
+from helpers import TreeMixer, assert_trees_close, finish, spawn, t
 from torch import nn
 
 import revtree
@@ -70,7 +68,7 @@ def _train(model, batches, steps=3):
     return model
 
 
-def _ddp_worker(rank, world, port, find_unused, out):
+def _ddp_worker(rank, port, world, find_unused, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
@@ -81,28 +79,23 @@ def _ddp_worker(rank, world, port, find_unused, out):
         _train(model, [shard])
         if rank == 0:
             torch.save(model.module.state_dict(), out)
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        raise
+    finish()
 
 
 @pytest.mark.parametrize("find_unused", [False, True])
 def test_ddp_equals_single_process_plain_autograd(find_unused, tmp_path):
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), find_unused, str(out)), nprocs=2, join=True)
+    spawn(_ddp_worker, 2, find_unused, str(out))
     expected = _train(Model(reversible=False), [_batch()]).state_dict()
     actual = torch.load(out)
     assert_trees_close(dict(actual), dict(expected), tol=1e-9)
     assert not torch.equal(actual["context"], Model(reversible=False).context.detach())
 
 
-def _fsdp_worker(rank, world, port, out):
+def _fsdp_worker(rank, port, world, out):
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -115,14 +108,15 @@ def _fsdp_worker(rank, world, port, out):
         state = {k: v.full_tensor() for k, v in model.state_dict().items()}
         if rank == 0:
             torch.save(state, out)
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    finish()
 
 
 def test_fsdp2_equals_single_process_plain_autograd(tmp_path):
     out = tmp_path / "fsdp.pt"
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    spawn(_fsdp_worker, 2, str(out))
     expected = _train(Model(reversible=False), [_batch()]).state_dict()
     assert_trees_close(dict(torch.load(out)), dict(expected), tol=1e-9)
 
