@@ -19,6 +19,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from torch import nn  # noqa: E402
 
 import revtree  # noqa: E402
+from revtree.testing import saved_bytes  # noqa: E402
 
 WIDTH, DEPTH = 128, 16
 PNG = Path(sys.argv[1] if len(sys.argv) > 1 else "digits_loss.png")
@@ -46,23 +47,6 @@ class Classifier(nn.Module):
         return self.head(self.body(self.embed(pixels)))
 
 
-def saved_kib(model: nn.Module, pixels: torch.Tensor) -> float:
-    """KiB of tensors autograd keeps between forward and backward, parameters excluded."""
-    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in own:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(pixels)  # only the forward: what is held until backward
-    out.sum().backward()
-    model.zero_grad()
-    return sum(saved.values()) / 1024
-
-
 digits = load_digits()
 pixels = torch.tensor(digits.data, dtype=torch.float32) / 16
 labels = torch.tensor(digits.target)
@@ -73,9 +57,9 @@ train, test = order[:1500], order[1500:]
 model = Classifier()
 batch = pixels[train[:256]]
 model.body.reversible = False
-plain = saved_kib(model, batch)
+plain = saved_bytes(model, batch) / 1024  # KiB autograd keeps for backward
 model.body.reversible = True
-reversible = saved_kib(model, batch)
+reversible = saved_bytes(model, batch) / 1024
 print(
     f"activations kept for backward, batch of 256, depth {DEPTH}: "
     f"plain autograd {plain:.0f} KiB, revtree {reversible:.0f} KiB "

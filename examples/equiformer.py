@@ -7,27 +7,11 @@ import torch
 from equiformer_pytorch import Equiformer
 
 from revtree.adapters import equiformer as adapter
+from revtree.testing import saved_bytes
 
 config = dict(
     num_tokens=20, dim=16, dim_head=8, heads=2, num_degrees=3, depth=8, reduce_dim_out=True
 )
-
-
-def saved_megabytes(model, *inputs) -> float:
-    """Megabytes that autograd keeps for backward, parameters and buffers not counted."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(*inputs)  # only the forward: what is held until backward
-    (out.type0.sum() + out.type1.sum()).backward()
-    return sum(saved.values()) / 2**20
 
 
 torch.manual_seed(0)
@@ -51,7 +35,7 @@ if not same:
 # benchmarks/equiformer.py compares the two by process memory instead)
 saved = {}
 for name, model in [("plain autograd", plain), ("revtree reversible", ours)]:
-    saved[name] = saved_megabytes(model, feats, coords, mask)
+    saved[name] = saved_bytes(model, feats, coords, mask) / 2**20  # MB kept for backward
     print(f"{name:>18}: {saved[name]:6.1f} MB saved for backward")
 if saved["revtree reversible"] > saved["plain autograd"] / 4:
     raise SystemExit("the reversible trunk should keep a small fraction of plain autograd's")

@@ -8,6 +8,7 @@ from . import couplings as couplings
 from ._block import Block as Block
 from ._block import Fn as Fn
 from ._budget import MemoryPlan as MemoryPlan
+from ._context import Route as Route
 from ._errors import RevtreeError as RevtreeError
 from ._errors import RevtreeWarning as RevtreeWarning
 from ._sequence import ReversibleSequence as ReversibleSequence
@@ -19,6 +20,7 @@ __all__ = [
     "Fn",
     "MemoryPlan",
     "ReversibleSequence",
+    "Route",
     "RevtreeError",
     "RevtreeWarning",
     "codecs",
@@ -27,4 +29,4 @@ __all__ = [
     "is_recomputing",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

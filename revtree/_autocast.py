@@ -21,7 +21,7 @@ import torch
 class AutocastState:
     """Whether autocast is on, and with which dtype, for each device type a call uses.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from revtree._autocast import AutocastState
         >>> with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -24,6 +24,7 @@ from torch import nn
 from . import _buffers, _rng
 from ._block import Block
 from ._call import Call
+from ._saved import Counter
 from ._step import Step
 
 
@@ -35,7 +36,7 @@ class MemoryPlan:
     fully reversible stack, which holds the output streams of each run of reversible
     blocks (``stream_bytes`` a run).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import revtree
@@ -143,7 +144,7 @@ def measure(
     it go with the block; the random generators and the buffers of ``owner`` are put back
     afterwards. A second, warm run of each block gives its time.
     """
-    exempt = {t.untyped_storage().data_ptr() for t in held}
+    held = list(held)
     sizes: list[int] = []
     seconds: list[float] = []
     forward = call.strategy.forward
@@ -152,7 +153,7 @@ def measure(
     generators = _rng.generators_for(chain(x1, x2))
     with _rng.preserved(generators), _buffers.kept(owner), torch.enable_grad():
         for index, block in blocks:
-            counter = _Counter(exempt)
+            counter = Counter(held)
             with torch.autograd.graph.saved_tensors_hooks(counter.pack, _unpack):
                 y1, y2 = forward(Step(call, index, block), x1, x2)
             sizes.append(counter.size)
@@ -165,24 +166,6 @@ def measure(
             x1 = [t.detach().requires_grad_() for t in y1]
             x2 = [t.detach().requires_grad_() for t in y2]
     return sizes, seconds
-
-
-class _Counter:
-    """A pack hook that adds up the storage autograd would save, each storage once.
-
-    It holds what it counts until the block is done, as autograd would: a storage freed
-    early could come back at the same address and be taken for one already counted.
-    """
-
-    def __init__(self, exempt: set[int]) -> None:
-        self.exempt, self.held, self.size = exempt, {}, 0
-
-    def pack(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key not in self.exempt and key not in self.held:
-            self.held[key] = t
-            self.size += storage.nbytes()
 
 
 def _drop(_: torch.Tensor) -> None:

@@ -62,7 +62,7 @@ def _version(t: torch.Tensor) -> int:
 class Snapshot:
     """The buffers of some modules as a call read them.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from revtree._buffers import Snapshot
@@ -147,7 +147,9 @@ class Snapshot:
 
         Buffers registered in the meantime are removed on exit.
         """
-        live = [(slots, name, slots.get(name)) for slots, name, _, _, _ in self.entries]
+        live: list[tuple[dict[str, Any], str, Any]] = [
+            (slots, name, slots.get(name)) for slots, name, _, _, _ in self.entries
+        ]
         names = [(m._buffers, list(m._buffers)) for m in self.modules]
         for slots, name, t, _, copy in self.entries:
             slots[name] = t if copy is None else copy.clone() if fresh else copy
@@ -166,7 +168,7 @@ class Snapshot:
 def kept(module: nn.Module) -> Iterator[None]:
     """Run the context on copies of every buffer of ``module``; leave the live ones untouched.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from revtree._buffers import kept

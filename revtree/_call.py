@@ -40,6 +40,7 @@ class Call:
         "namespace",
         "policy",
         "strategy",
+        "strict_drift",
         "update_spec",
         "verified",
     )
@@ -58,6 +59,7 @@ class Call:
         self.namespace = namespace
         self.update_spec = _update_spec(layout.spec, strategy.arity, namespace)
         self.check_drift: float | None = owner.check_drift
+        self.strict_drift: bool = owner.on_drift == "raise"
         self.policy: Policy = owner._buffer_policy
         self.verified: set[tuple[int, int]] = owner._verified
         copies = [t.clone() for t in context.tensors]

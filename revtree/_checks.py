@@ -295,7 +295,7 @@ def foreign(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> 
     # an input computed inside the recomputation (a generic coupling's intermediate tree)
     # ends the walk where it was computed
     seen = {id(t.grad_fn) for t in inputs if t.grad_fn is not None}
-    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    stack: list[Any] = [t.grad_fn for t in outputs if t.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:

@@ -305,7 +305,7 @@ def _build(key: tuple[Any, ...]) -> tuple[Any, Any]:
         return _unflatten(stream, leaves)
 
     def leaves_of(out: Any) -> Leaves:  # what f or g returned: arity trees like the stream
-        found: Leaves = [None] * update_spec.num_leaves  # type: ignore[list-item]
+        found: list[Any] = [None] * update_spec.num_leaves
         _flatten_like(updates, out, found)
         return found
 
@@ -323,21 +323,21 @@ def _build(key: tuple[Any, ...]) -> tuple[Any, Any]:
         n = len(y)
         return [coupling.uncombine(b, *u[i::n]) for i, b in enumerate(y)]
 
-    def forward(f, g, pf, pg, x1, x2, kt, kother):  # type: ignore[no-untyped-def]
+    def forward(f, g, pf, pg, x1, x2, kt, kother):
         kw = kwargs(kt, kother)
         fu = leaves_of(functional_call(f, pf, (tree(x2),), kw if to_f else {}))
         y1 = combine(x1, fu)
         gu = leaves_of(functional_call(g, pg, (tree(y1),), kw if to_g else {}))
         return y1, combine(x2, gu)
 
-    def half(fn, wanted_p, fixed_p, x_in, y_self, dy_self, kt, kother, routed):  # type: ignore[no-untyped-def]
+    def half(fn, wanted_p, fixed_p, x_in, y_self, dy_self, kt, kother, routed):
         """One function of the block in reverse: rebuild its stream, back-propagate."""
 
-        def call(p, xs, k):  # type: ignore[no-untyped-def]
+        def call(p, xs, k):
             kw = kwargs(k, kother) if routed else {}
             return functional_call(fn, {**fixed_p, **p}, (tree(xs),), kw)
 
-        def run(p, xs, ks):  # type: ignore[no-untyped-def]
+        def run(p, xs, ks):
             k = list(kt)
             for i, t in zip(wanted, ks):
                 k[i] = t
@@ -355,7 +355,7 @@ def _build(key: tuple[Any, ...]) -> tuple[Any, Any]:
         dp, dx_in, dks = pull(du)
         return x_self, dx_self, dx_in, dp, dks
 
-    def reverse(f, g, pf, ff, pg, fg, y1, y2, dy1, dy2, kt, kother):  # type: ignore[no-untyped-def]
+    def reverse(f, g, pf, ff, pg, fg, y1, y2, dy1, dy2, kt, kother):
         x2, dx2, dx1_g, dpg, dk_g = half(g, pg, fg, y1, y2, dy2, kt, kother, to_g)
         dx1 = [a + b for a, b in zip(dy1, dx1_g)]
         x1, dx1, dx2_f, dpf, dk_f = half(f, pf, ff, x2, y1, dx1, kt, kother, to_f)

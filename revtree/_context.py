@@ -75,5 +75,5 @@ class Context:
         leaves = list(self.leaves)
         for position, tensor in zip(self.positions, tensors):
             leaves[position] = tensor
-        kwargs = self.spec.unflatten(leaves)
+        kwargs: dict[str, Any] = self.spec.unflatten(leaves)  # type: ignore[assignment]
         return (kwargs if self.to_f else {}), (kwargs if self.to_g else {})

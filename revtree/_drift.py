@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._errors import RevtreeWarning
+from ._errors import RevtreeError, RevtreeWarning
 
 SAMPLE = 64
 
@@ -43,7 +43,7 @@ def relative_errors(rebuilt: Sequence[torch.Tensor], exact: Sequence[torch.Tenso
     is the largest ``|exact|`` in either of its streams, ``exact[i]`` and ``exact[i + n]``;
     a leaf that is zero in both is measured by its absolute error.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x1, x2 = torch.tensor([2.0, -4.0]), torch.zeros(2)  # a position, a velocity
         >>> relative_errors([x1, x2 + 0.5], [x1, x2])
@@ -75,11 +75,13 @@ def check(
     rebuilt: list[torch.Tensor],
     samples: list[torch.Tensor],
     threshold: float,
+    strict: bool = False,
 ) -> bool:
     """Warn if any rebuilt leaf differs from its forward sample by more than ``threshold``.
 
     Returns whether it warned: the blocks below inherit the error, so backward checks no
-    further and the warning names the block where the drift starts.
+    further and the warning names the block where the drift starts. With ``strict``, raise
+    a [`RevtreeError`][revtree.RevtreeError] instead.
     """
     n = len(names)
     # a NaN or an infinity rebuilt from a finite forward value is the worst drift there is;
@@ -95,14 +97,15 @@ def check(
             if math.isfinite(errors[worst])
             else "a NaN or infinite error"
         )
-        warnings.warn(
+        message = (
             f"block {index}: its input x{stream} at {names[worst % n]} was rebuilt in backward "
             f"with {error} (check_drift={threshold:g}), so its "
             "gradients are off by as much. Hint: find the ill-conditioned block with "
             "revtree.testing.reconstruction_errors; store it with reversible=[..., False, "
-            "...], train in higher precision, or tame its outputs.",
-            RevtreeWarning,
-            stacklevel=2,
+            "...], train in higher precision, or tame its outputs."
         )
+        if strict:
+            raise RevtreeError(message)
+        warnings.warn(message, RevtreeWarning, stacklevel=2)
         return True
     return False

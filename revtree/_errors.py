@@ -7,7 +7,7 @@ class RevtreeError(ValueError):
     Messages name the block index, the optree key path and the shapes involved,
     and end with a hint on how to fix the problem.
 
-    Example:
+    Examples:
         >>> import torch, revtree
         >>> from revtree.codecs import Split
         >>> try:
@@ -21,7 +21,7 @@ class RevtreeError(ValueError):
 class RevtreeWarning(UserWarning):
     """Warned when a block's inputs are rebuilt with more error than ``check_drift`` allows.
 
-    Example:
+    Examples:
         >>> import warnings, revtree
         >>> issubclass(revtree.RevtreeWarning, UserWarning)
         True

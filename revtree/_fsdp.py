@@ -37,7 +37,7 @@ def _kinds() -> tuple[type, ...]:
         kinds.append(FSDPModule)
     except ImportError:  # torch < 2.6
         try:
-            from torch.distributed._composable.fsdp import FSDPModule  # type: ignore[no-redef]
+            from torch.distributed._composable.fsdp import FSDPModule
 
             kinds.append(FSDPModule)
         except ImportError:

@@ -145,8 +145,10 @@ class ReversibleFunction(torch.autograd.Function):
                     y1, y2, dy1, dy2 = strategy.reverse(step, back, y1, y2, dy1, dy2)
                 if step.sample is not None and not warned:
                     assert call.check_drift is not None
+                    rebuilt = [*y1, *y2]
+                    names, limit = call.layout.names, call.check_drift
                     warned = _drift.check(
-                        step.index, call.layout.names, [*y1, *y2], step.sample, call.check_drift
+                        step.index, names, rebuilt, step.sample, limit, call.strict_drift
                     )
 
         dx = [d if need else None for d, need in zip(chain(dy1, dy2), needs[1 : 1 + 2 * n])]

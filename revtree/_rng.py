@@ -53,7 +53,7 @@ def _default_generator(device: torch.device) -> Any:
 class Generators:
     """The default generators of the CPU and of some accelerator devices, captured and set as one.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from revtree._rng import Generators
         >>> generators = Generators(())

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain, groupby
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from optree import PyTreeSpec
@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import _trees
-from ._block import Block, as_block
+from ._block import Block, Fn, as_block
 from ._budget import MemoryPlan, choose, measure
 from ._buffers import Policy
 from ._call import Call
@@ -22,7 +22,7 @@ from ._function import Tape
 from ._layout import Layout
 from ._step import Step
 from ._strategies import Strategy, strategy_for
-from .codecs import Codec, Split
+from .codecs import Codec, Duplicate, Split
 from .couplings import Additive, Coupling, Elementwise
 
 Leaves = list[torch.Tensor]
@@ -62,6 +62,9 @@ class ReversibleSequence(nn.Module):
         check_drift: If set, a relative error: backward compares each block's rebuilt
             inputs with a small sample kept from the forward pass and warns
             ([`RevtreeWarning`][revtree.RevtreeWarning]), naming the block, past it.
+        on_drift: ``"warn"`` (the default), or ``"raise"``: a drift past ``check_drift`` is
+            a [`RevtreeError`][revtree.RevtreeError] (as ``torch.utils.checkpoint``'s
+            ``determinism_check`` is an error).
         memory_budget: Bytes of activations the stack may store beyond what the fully
             reversible stack holds. ``0`` (the default) recomputes every block;
             ``float("inf")`` stores every block's activations, like plain autograd; in
@@ -75,7 +78,7 @@ class ReversibleSequence(nn.Module):
             numbers, change buffers, have hooks or cannot be traced stay eager, with a
             [`RevtreeWarning`][revtree.RevtreeWarning]. Gradients are the same either way.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import revtree
@@ -111,6 +114,7 @@ class ReversibleSequence(nn.Module):
         route: Route = "f",
         preserve_rng_state: bool = True,
         check_drift: float | None = None,
+        on_drift: Literal["warn", "raise"] = "warn",
         memory_budget: float = 0,
         namespace: str = "",
         compile: bool = False,
@@ -135,6 +139,12 @@ class ReversibleSequence(nn.Module):
             )
         self.preserve_rng_state = preserve_rng_state
         self.check_drift = check_drift
+        if on_drift not in ("warn", "raise"):
+            raise RevtreeError(
+                f"on_drift={on_drift!r} is not 'warn' or 'raise'. Hint: on_drift='raise' makes "
+                "a drift past check_drift an error instead of a warning."
+            )
+        self.on_drift = on_drift
         self.memory_budget = memory_budget
         self._plans: dict[tuple, MemoryPlan] = {}
         self._measured: dict[tuple, tuple[list[int], list[float]]] = {}
@@ -143,6 +153,71 @@ class ReversibleSequence(nn.Module):
         self._buffer_policy = Policy()
         self._verified: set[tuple[int, int]] = set()
         self._materialised = False
+
+    @classmethod
+    def from_layers(
+        cls, layers: Iterable[nn.Module | Callable[..., Any]], /, **kwargs: Any
+    ) -> ReversibleSequence:
+        """A reversible stack from the residual branches of a network, two at a time.
+
+        Layers ``l0, l1, l2, l3, ...`` (an ``nn.Sequential`` of residual branches, each the
+        ``h(x)`` of ``x = x + h(x)``) become the blocks ``(l0, l1), (l2, l3), ...``; an odd
+        last layer is paired with a ``g`` that updates nothing. The codec is
+        ``Duplicate()`` unless given: both streams start as the input, at its full width,
+        so layers built for that width fit unchanged, and the output is the streams' mean.
+
+        This is a different function from the residual network: its block computes
+        ``y1 = x1 + l0(x2)``, ``y2 = x2 + l1(y1)``, not ``x + l1(x + l0(x))``. Pretrained
+        weights are a starting point to fine-tune from, as with RevLib's
+        ``sequential_to_revnet``.
+
+        Args:
+            layers: Modules or functions, each mapping the input's structure to itself.
+            **kwargs: As for ``ReversibleSequence`` (``codec`` defaults to ``Duplicate()``).
+
+        Returns:
+            The sequence.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> import revtree
+            >>> residual = nn.Sequential(*(nn.Linear(8, 8) for _ in range(5)))
+            >>> seq = revtree.ReversibleSequence.from_layers(residual)
+            >>> len(seq.blocks), seq(torch.randn(2, 8)).shape
+            (3, torch.Size([2, 8]))
+        """
+        layers = list(layers)
+        if len(layers) % 2:
+            layers.append(Fn(_no_update))
+        kwargs.setdefault("codec", Duplicate())
+        return cls(list(zip(layers[::2], layers[1::2])), **kwargs)
+
+    @classmethod
+    def from_factory(
+        cls, make: Callable[[], nn.Module | Callable[..., Any]], depth: int, /, **kwargs: Any
+    ) -> ReversibleSequence:
+        """A stack of ``depth`` blocks, each ``f`` and ``g`` a fresh ``make()``.
+
+        Args:
+            make: Builds one function (``f`` or ``g``) for a half-stream.
+            depth: The number of blocks.
+            **kwargs: As for ``ReversibleSequence``.
+
+        Returns:
+            The sequence.
+
+        Examples:
+            >>> from torch import nn
+            >>> import revtree
+            >>> seq = revtree.ReversibleSequence.from_factory(lambda: nn.Linear(4, 4), 6)
+            >>> len(seq.blocks), sum(p.numel() for p in seq.parameters())
+            (6, 240)
+        """
+        return cls([(make(), make()) for _ in range(depth)], **kwargs)
+
+    def _block(self, index: int) -> Block:
+        return cast(Block, self.blocks[index])
 
     @property
     def coupling(self) -> Coupling:
@@ -286,7 +361,7 @@ class ReversibleSequence(nn.Module):
         Returns:
             A pytree with the structure of ``x``.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from torch import nn
             >>> import revtree
@@ -326,7 +401,7 @@ class ReversibleSequence(nn.Module):
         Returns:
             The input ``x`` with ``self(x, **kwargs) == y`` up to rounding.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from torch import nn
             >>> import revtree
@@ -346,7 +421,7 @@ class ReversibleSequence(nn.Module):
         y1, y2 = layout.encode(_trees.flatten(y, self.namespace)[0])
         call = Call.build(self, layout, kwargs, self.route)
         for index in reversed(range(len(self.blocks))):
-            y1, y2 = self._strategy.inverse(Step(call, index, self.blocks[index]), y1, y2)
+            y1, y2 = self._strategy.inverse(Step(call, index, self._block(index)), y1, y2)
         return layout.decode(y1, y2)
 
     def plan(self, x: Any, /, **kwargs: Any) -> MemoryPlan:
@@ -364,7 +439,7 @@ class ReversibleSequence(nn.Module):
         Returns:
             The [`MemoryPlan`][revtree.MemoryPlan].
 
-        Example:
+        Examples:
             >>> import torch
             >>> from torch import nn
             >>> import revtree
@@ -392,7 +467,8 @@ class ReversibleSequence(nn.Module):
             measured = self._measured.get(signature)
             if measured is None:
                 held = [*self.parameters(), *self.buffers(), *context.tensors]
-                measured = measure(call, list(enumerate(self.blocks)), x1, x2, held, self)
+                blocks = [(i, self._block(i)) for i in range(len(self.blocks))]
+                measured = measure(call, blocks, x1, x2, held, self)
                 _remember(self._measured, signature, measured)
             sizes, seconds = measured
             stream_bytes = sum(t.numel() * t.element_size() for t in chain(x1, x2))
@@ -411,10 +487,8 @@ class ReversibleSequence(nn.Module):
             _remember(self._layouts, spec, layout)
         return layout
 
-    def _call(
-        self, x: Any, kwargs: dict[str, Any], route: Route
-    ) -> tuple[Call, Leaves, Leaves] | None:
-        """The call on ``x``, and its two encoded half-streams (``None``: an empty input).
+    def _call(self, x: Any, kwargs: dict[str, Any], route: Route) -> tuple[Call, Leaves, Leaves]:
+        """The call on ``x``, and its two encoded half-streams.
 
         ``f`` (and a generic coupling) must not see the caller's storage: were it to modify
         its input in place, the error raised would come too late for the caller's tensors.
@@ -445,7 +519,7 @@ class ReversibleSequence(nn.Module):
         indices = range(len(self.blocks)) if indices is None else indices
         flags = self._stored_flags(call, x1, x2)
         for stored, group in groupby(indices, key=flags.__getitem__):
-            blocks = [(i, self.blocks[i]) for i in group]
+            blocks = [(i, self._block(i)) for i in group]
             if not stored:
                 if call.autocast is None:
                     call.record([*x1, *x2], self.preserve_rng_state)
@@ -475,6 +549,11 @@ class ReversibleSequence(nn.Module):
             self._materialised = not any(lazy)
             stored = tuple(a or b for a, b in zip(stored, lazy))
         return stored
+
+
+def _no_update(tree: Any, **kwargs: Any) -> None:
+    """A ``g`` that leaves its stream as it is (``None``: no update, see ``Fn``)."""
+    return None
 
 
 def _is_lazy(module: nn.Module) -> bool:

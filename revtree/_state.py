@@ -19,7 +19,7 @@ def is_recomputing() -> bool:
     Returns:
         ``True`` inside the recomputation of a block, ``False`` otherwise.
 
-    Example:
+    Examples:
         >>> import revtree
         >>> revtree.is_recomputing()
         False
@@ -36,7 +36,7 @@ def current_block() -> int | None:
     Returns:
         The block's index in its ``ReversibleSequence``, or ``None`` outside a block.
 
-    Example:
+    Examples:
         >>> import revtree
         >>> revtree.current_block() is None
         True

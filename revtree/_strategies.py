@@ -97,12 +97,22 @@ class ElementwiseStrategy(Strategy):
             isinstance(coupling, Additive) and type(coupling).combine is Additive.combine
         )
 
-    def _update(self, step: Step, which: int, out: Any) -> Leaves:
+    def _update(self, step: Step, which: int, out: Any, stream: Leaves) -> Leaves:
+        """The leaves of what ``f`` or ``g`` returned; ``None`` for a leaf is a zero update."""
         call = step.call
         spec = call.layout.spec
-        return _checks.update_leaves(
+        update = _checks.update_leaves(
             out, call.update_spec, spec, call.namespace, step.index, WHO[which]
         )
+        if any(u is None for u in update):
+            n = len(stream)
+            update = [
+                torch.zeros((), dtype=stream[i % n].dtype, device=stream[i % n].device)
+                if u is None
+                else u
+                for i, u in enumerate(update)
+            ]
+        return update
 
     def _combine(
         self, step: Step, which: int, x: Leaves, update: Leaves, undo: bool, checked: bool = False
@@ -127,11 +137,11 @@ class ElementwiseStrategy(Strategy):
 
     def forward(self, step: Step, x1: Leaves, x2: Leaves) -> tuple[Leaves, Leaves]:  # noqa: D102
         unflatten = step.call.layout.spec.unflatten
-        fu = self._update(step, 0, step.forward(0, unflatten(x2), x2))
+        fu = self._update(step, 0, step.forward(0, unflatten(x2), x2), x1)
         y1 = self._combine(step, 0, x1, fu, undo=False)
         step.returned(0, fu)
         del fu
-        gu = self._update(step, 1, step.forward(1, unflatten(y1), y1))
+        gu = self._update(step, 1, step.forward(1, unflatten(y1), y1), x2)
         y2 = self._combine(step, 1, x2, gu, undo=False)
         step.returned(1, gu)
         return y1, y2
@@ -147,9 +157,9 @@ class ElementwiseStrategy(Strategy):
                 return step.forward(which, tree, leaves)
             return step.recompute(which, tree, leaves, 0, back)
 
-        gu = self._update(step, 1, call(1, y1))
+        gu = self._update(step, 1, call(1, y1), y2)
         x2 = self._combine(step, 1, y2, gu, undo=True)
-        fu = self._update(step, 0, call(0, x2))
+        fu = self._update(step, 0, call(0, x2), y1)
         return self._combine(step, 0, y1, fu, undo=True), x2
 
     def reverse(  # noqa: D102
@@ -162,7 +172,7 @@ class ElementwiseStrategy(Strategy):
         # g: x2 = uncombine(y2, g(y1)); gradients for y1, x2 and g's sources
         y1_ = _leaves(y1)
         with back.autocast:
-            gu = self._update(step, 1, step.recompute(1, unflatten(y1_), y1_, 0, back))
+            gu = self._update(step, 1, step.recompute(1, unflatten(y1_), y1_, 0, back), y2)
         step.returned_again(1, 0, gu)
         x2 = self._combine(step, 1, y2, gu, undo=True, checked=True)  # (backward: no grad)
         to_g = step.call.context.to_g
@@ -179,7 +189,7 @@ class ElementwiseStrategy(Strategy):
         # f: x1 = uncombine(y1, f(x2)); gradients for x1, x2 and f's sources
         x2r = _leaves(x2)
         with back.autocast:
-            fu = self._update(step, 0, step.recompute(0, unflatten(x2r), x2r, 0, back))
+            fu = self._update(step, 0, step.recompute(0, unflatten(x2r), x2r, 0, back), y1)
         step.returned_again(0, 0, fu)
         x1 = self._combine(step, 0, y1, fu, undo=True, checked=True)
         to_f = step.call.context.to_f

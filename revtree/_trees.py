@@ -29,6 +29,7 @@ def leaves_as(tree: Any, spec: PyTreeSpec, namespace: str) -> tuple[list[Any], P
     ``f`` and ``g`` almost always return the structure they were given: reading the leaves
     up to a known structure is several times cheaper than a full flatten, and a tree that
     does not fit (or holds a non-tensor where ``spec`` has a leaf) takes the full flatten.
+    ``None`` where ``spec`` has a leaf is read as such: ``f`` leaves that leaf unchanged.
     """
     try:
         leaves = spec.flatten_up_to(tree)
@@ -37,6 +38,8 @@ def leaves_as(tree: Any, spec: PyTreeSpec, namespace: str) -> tuple[list[Any], P
     else:
         if all(isinstance(leaf, torch.Tensor) for leaf in leaves):
             return leaves, spec
+        if all(leaf is None or isinstance(leaf, torch.Tensor) for leaf in leaves):
+            return leaves, spec  # None where a leaf belongs: "no update" (see _strategies)
     return flatten(tree, namespace)
 
 

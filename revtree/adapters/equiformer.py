@@ -12,7 +12,7 @@ for the sequential one), so checkpoints load with ``strict=True``. ``Equiformer`
 classes up as globals of ``equiformer_pytorch.equiformer_pytorch``;
 [`patch`][revtree.adapters.equiformer.patch] swaps them in.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> from revtree.adapters.equiformer import ReversibleSequence
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ from torch import nn
 from .. import _sequence
 from ..codecs import Degree
 from ._named import Named
+from ._versions import require
 
 Features = dict[int, torch.Tensor]
 
@@ -73,7 +74,8 @@ class SequentialSequence(nn.Module):
 
     def forward(self, x: Features, **kwargs: Any) -> Features:
         """Run every block as two residual updates."""
-        for f, g in self.blocks:
+        for pair in self.blocks:
+            f, g = cast(nn.ModuleList, pair)
             x = _residual(f(x, **kwargs), x)
             x = _residual(g(x), x)
         return x
@@ -87,11 +89,12 @@ def _residual(update: Features, x: Features) -> Features:
 def patch() -> Iterator[None]:
     """Make ``Equiformer`` built inside the context use these classes for its trunk.
 
-    Example:
+    Examples:
         >>> from equiformer_pytorch import Equiformer  # doctest: +SKIP
         >>> with patch():  # doctest: +SKIP
         ...     model = Equiformer(dim=16, depth=4, reversible=True)
     """
+    require("equiformer-pytorch", "0.5.4", "equiformer")
     import equiformer_pytorch.equiformer_pytorch as package
 
     saved = package.ReversibleSequence, package.SequentialSequence

@@ -21,7 +21,7 @@ than ``reverse_thres``, the package runs its reversible blocks under ``torch.no_
 gradient reaches them); here they run with plain autograd. The blocks dropped are drawn
 from the global generator exactly as the package draws them.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> from revtree.adapters.reformer import ReversibleSequence
@@ -45,6 +45,7 @@ from .._block import Block
 from .._state import is_recomputing
 from ..codecs import Split
 from ._named import Named
+from ._versions import require
 
 
 class _Signal:
@@ -80,7 +81,7 @@ class ReversibleSequence(_sequence.ReversibleSequence):
     ) -> None:
         pairs = [tuple(pair) for pair in blocks]
         signals = [_Signal(depth) for depth in range(len(pairs))] if send_signal else []
-        extra = signals or [None] * len(pairs)
+        extra: list[_Signal | None] = [*signals] or [None] * len(pairs)
         super().__init__(
             [(Named(f, s), Named(g, s)) for (f, g), s in zip(pairs, extra)], codec=Split(2)
         )
@@ -89,7 +90,7 @@ class ReversibleSequence(_sequence.ReversibleSequence):
         self.reverse_thres = reverse_thres
         self.irrev_blocks = nn.ModuleList([Block(f, g) for f, g in pairs])
 
-    def forward(  # noqa: D417 (the keyword arguments are the blocks')
+    def forward(  # type: ignore[override]  # noqa: D417 (the keyword arguments are the blocks')
         self, x: torch.Tensor, arg_route: tuple[bool, bool] = (True, False), **kwargs: Any
     ) -> torch.Tensor:
         """Run the blocks on ``x``; ``arg_route`` says whether ``f`` and ``g`` get ``kwargs``.
@@ -107,18 +108,20 @@ class ReversibleSequence(_sequence.ReversibleSequence):
         self.reversible = reverse
         for signal in self._signals:
             signal.on = reverse
-        return self.run(x, kwargs, route=tuple(arg_route), blocks=indices)
+        route = (bool(arg_route[0]), bool(arg_route[1]))
+        return self.run(x, kwargs, route=route, blocks=indices)
 
 
 @contextmanager
 def patch() -> Iterator[None]:
     """Make ``ReformerLM``/``Reformer`` built inside the context use this class for its trunk.
 
-    Example:
+    Examples:
         >>> from reformer_pytorch import ReformerLM  # doctest: +SKIP
         >>> with patch():  # doctest: +SKIP
         ...     model = ReformerLM(num_tokens=256, dim=64, depth=4, max_seq_len=128)
     """
+    require("reformer-pytorch", "1.4.4", "reformer")
     import reformer_pytorch.reformer_pytorch as package
 
     saved = package.ReversibleSequence

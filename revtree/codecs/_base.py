@@ -23,7 +23,7 @@ class Codec(abc.ABC):
     where the leaf sits in the tree. Raise [`RevtreeError`][revtree.RevtreeError]
     for a leaf the codec cannot take; revtree adds the key path and shape.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from revtree.codecs import Codec
         >>> class Halves(Codec):

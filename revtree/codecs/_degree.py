@@ -20,7 +20,7 @@ class Degree(Duplicate):
     key (the last entry of its key path); each leaf goes down both streams, and the output
     is the mean of the two.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from revtree.codecs import Degree
         >>> x1, x2 = Degree().encode(torch.zeros(2, 8, 4, 3), (1,))

@@ -16,7 +16,7 @@ class Duplicate(Codec):
     This is the layout of the reversible Reformer and Equiformer: ``f`` and ``g`` see
     every channel, and the stack costs twice the width in the streams.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from revtree.codecs import Duplicate
         >>> x = torch.tensor([1.0, 2.0])

@@ -23,7 +23,7 @@ class Rearrange(Codec):
         pattern: An einops ``rearrange`` pattern ``"left -> two right"``.
         **axes_lengths: Axis lengths einops cannot infer, as in ``einops.rearrange``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from revtree.codecs import Rearrange
         >>> codec = Rearrange("b (c two) -> two b c", two=2)  # interleaved channels

@@ -20,7 +20,7 @@ class Split(Codec):
     Args:
         dim: The dimension to split; its size must be even.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from revtree.codecs import Split
         >>> x1, x2 = Split(dim=-1).encode(torch.arange(4.0), ())

@@ -17,7 +17,7 @@ class ZeroVelocity(Codec):
     the first stream is the position, the second the velocity, which starts at rest and
     is dropped at the end. Not invertible: ``ReversibleSequence.inverse`` refuses it.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from revtree.codecs import ZeroVelocity
         >>> x, v = ZeroVelocity().encode(torch.ones(2), ())

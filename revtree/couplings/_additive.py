@@ -13,7 +13,7 @@ class Additive(Elementwise):
     Inverse: ``x2 = y2 - g(y1)``, ``x1 = y1 - f(x2)``. Volume-preserving and exact up to
     rounding.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from revtree.couplings import Additive
         >>> y1, y2 = Additive().forward(torch.sin, torch.cos, torch.ones(2), torch.zeros(2))

@@ -21,7 +21,7 @@ class Affine(Elementwise):
     Args:
         bound: The largest log-scale magnitude.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from revtree.couplings import Affine
         >>> def f(x):

@@ -30,7 +30,7 @@ class Coupling(abc.ABC):
     subclass [`Elementwise`][revtree.couplings.Elementwise] instead: the engine reverses
     those and back-propagates in one pass, one extra forward in all.
 
-    Example:
+    Examples:
         >>> import optree, torch
         >>> from revtree.couplings import Coupling
         >>> class Shear(Coupling):  # y1 = x1 + f(x2), y2 = x2 - g(y1)
@@ -71,7 +71,7 @@ class Elementwise(Coupling):
     those trees, and ``uncombine`` undoes it. For these couplings the engine rebuilds each
     block's inputs and back-propagates through it in the same pass.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from revtree.couplings import Elementwise
         >>> class Scaled(Elementwise):  # y = 2 x + u

@@ -22,7 +22,7 @@ class Momentum(Coupling):
     Args:
         gamma: The momentum term, in ``(0, 1]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from revtree.couplings import Momentum
         >>> m = Momentum(gamma=0.9)

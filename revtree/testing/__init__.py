@@ -1,8 +1,15 @@
-"""Checks a library author runs on their own model: gradients against plain autograd, drift."""
+"""Checks a library author runs on their own model: gradients, drift, saved memory."""
 
+from .._saved import saved_bytes as saved_bytes
 from ._gradients import GradientReport as GradientReport
 from ._gradients import compare_gradients as compare_gradients
 from ._reconstruction import BlockDrift as BlockDrift
 from ._reconstruction import reconstruction_errors as reconstruction_errors
 
-__all__ = ["BlockDrift", "GradientReport", "compare_gradients", "reconstruction_errors"]
+__all__ = [
+    "BlockDrift",
+    "GradientReport",
+    "compare_gradients",
+    "reconstruction_errors",
+    "saved_bytes",
+]

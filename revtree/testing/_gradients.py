@@ -29,7 +29,7 @@ class GradientReport:
         worst: The largest of them.
         where: The source with the worst difference.
 
-    Example:
+    Examples:
         >>> from revtree.testing import GradientReport
         >>> report = GradientReport({"x['a']": 1e-16, "blocks.0.f.weight": 3e-4})
         >>> report.where, f"{report.worst:.0e}"
@@ -93,7 +93,7 @@ def compare_gradients(
     Returns:
         A [`GradientReport`][revtree.testing.GradientReport].
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import revtree
@@ -106,7 +106,7 @@ def compare_gradients(
     sources: dict[str, torch.Tensor] = {}
     paths, names, leaves, _ = _trees.flatten_with_names(x, seq.namespace)
     sources.update({n: t for n, t in zip(names, leaves) if _needs_grad(t)})
-    kw_paths, kw_leaves, _ = optree.tree_flatten_with_path(kwargs, namespace=seq.namespace)
+    kw_paths, kw_leaves, _ = optree.tree_flatten_with_path(kwargs, namespace=seq.namespace)  # type: ignore[var-annotated,arg-type]
     sources.update(
         {f"kwargs{_format(p)}": t for p, t in zip(kw_paths, kw_leaves) if _needs_grad(t)}
     )

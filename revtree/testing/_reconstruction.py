@@ -30,7 +30,7 @@ class BlockDrift:
         accumulated: The error of rebuilding this block's input from the stack's final
             output, through every block above it: what backward actually sees.
 
-    Example:
+    Examples:
         >>> from revtree.testing import BlockDrift
         >>> BlockDrift(index=3, local=1e-7, accumulated=2e-6).accumulated
         2e-06
@@ -65,7 +65,7 @@ def reconstruction_errors(seq: ReversibleSequence, x: Any, /, **kwargs: Any) -> 
     Returns:
         One [`BlockDrift`][revtree.testing.BlockDrift] per block, first block first.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import revtree
@@ -84,9 +84,9 @@ def reconstruction_errors(seq: ReversibleSequence, x: Any, /, **kwargs: Any) -> 
         positions: dict[int, int] = {}
         sources: list[torch.Tensor] = []
         inputs, steps = [], []
-        for index, block in enumerate(seq.blocks):
+        for index in range(len(seq.blocks)):
             inputs.append((x1, x2))
-            step = Step(call, index, block, record=(positions, sources))
+            step = Step(call, index, seq._block(index), record=(positions, sources))
             x1, x2 = strategy.forward(step, x1, x2)
             steps.append(step)
         outputs = [*inputs[1:], (x1, x2)]
