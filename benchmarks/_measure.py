@@ -10,11 +10,19 @@ JSON line (``emit``), which the parent parses.
 Time is measured in one process, the systems interleaved (A B C A B C ...), so that machine
 noise hits all of them alike (``interleaved_medians``).
 
+``--quick`` runs are smoke tests. Their tensors are too small for RSS, whose noise is about
+1 MB: on the CPU they count held memory exactly instead (``held_after_forward``, the bytes
+of the tensors that the forward leaves alive for backward) and measure no peak. They print
+their figures without targets or verdicts (``against``), under "Summary".
+
 ``--device cuda`` (``add_device_arguments``, ``use_device``): models and inputs are made on
 the GPU (as the default device), memory is ``torch.cuda.memory_allocated`` after the
 forward and ``max_memory_allocated`` over the step, less what was allocated before, and
 every timed run is synchronised with the device. ``--dtype bfloat16`` makes every model and
 input in that dtype (as the default dtype).
+
+Plots go to ``--out DIR`` (``add_output_arguments``, ``plot_path``), by default
+``benchmark-results/`` in the current directory.
 """
 
 from __future__ import annotations
@@ -28,9 +36,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
+import optree
 import torch
+from torch import nn
+
+from revtree._saved import Counter
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -56,9 +69,31 @@ CUDA_MEMORY_METHOD = (
 )
 
 
-def memory_method() -> tuple[str, ...]:
+EXACT_MEMORY_METHOD = (
+    "Memory (--quick): bytes held for backward, counted, a fresh subprocess per row",
+    "  held = every tensor storage the forward leaves alive, each once: what autograd saved",
+    "         (saved-tensor hooks), what custom Functions keep on their ctx, what checkpoint",
+    "         and RNG replay keep, the output; parameters, buffers and inputs not counted",
+    "  peak: not measured (-); the tensors are too small for process RSS (noise ~1 MB)",
+)
+HELD_NOISE = 1.0  # MB: RSS differences below this are noise (pages, heap reuse and trimming)
+
+
+def exact_memory(quick: bool) -> bool:
+    """Whether held memory is counted exactly: in ``--quick`` runs, except on CUDA."""
+    return quick and DEVICE.type != "cuda"
+
+
+def memory_method(quick: bool = False) -> tuple[str, ...]:
     """The lines that describe how memory is measured on the device in use."""
-    return CUDA_MEMORY_METHOD if DEVICE.type == "cuda" else MEMORY_METHOD
+    if DEVICE.type == "cuda":
+        return CUDA_MEMORY_METHOD
+    return EXACT_MEMORY_METHOD if exact_memory(quick) else MEMORY_METHOD
+
+
+def held_noise(quick: bool) -> float:
+    """MB below which a held-memory difference is noise: none when counted exactly."""
+    return 0.0 if exact_memory(quick) else HELD_NOISE
 
 
 # ---------------------------------------------------------------- device
@@ -124,10 +159,74 @@ def peak_rss() -> int:
     return int(kb) * 1024
 
 
+def tensors_of(*things: Any) -> list[torch.Tensor]:
+    """The parameters and buffers of the modules and the tensor leaves of the other trees."""
+    out: list[torch.Tensor] = []
+    for thing in things:
+        if isinstance(thing, nn.Module):
+            out += [*thing.parameters(), *thing.buffers()]
+        else:
+            out += [t for t in optree.tree_leaves(thing) if isinstance(t, torch.Tensor)]
+    return out
+
+
+def held_after_forward(
+    forward: Callable[[], T], exempt: Iterable[torch.Tensor] = ()
+) -> tuple[int, T]:
+    """The bytes of the tensors that ``out = forward()`` leaves alive, and ``out``.
+
+    Every tensor storage that is new after the forward and alive, each once: what autograd
+    saved for backward (saved-tensor hooks hand each saved tensor over, ``save_for_backward``
+    too, and keep it where the count finds it), what custom autograd Functions keep on
+    their ctx (RevTorch, MemCNN, reformer-pytorch and equiformer-pytorch keep their output
+    so, out of the hooks' sight), in closures or on modules (the inputs that
+    ``torch.utils.checkpoint`` keeps, RNG states for the replay), and the output. A walk
+    of the graph's ctx attributes alone misses the closures: it counts nothing of a
+    checkpointed block's dict inputs. Storages of ``exempt`` tensors, and all that existed
+    before the forward (parameters, buffers, inputs), are not counted.
+
+    Args:
+        forward: Runs the forward pass with autograd on.
+        exempt: Tensors whose storage is not to be counted.
+
+    Returns:
+        ``(bytes, out)``.
+    """
+    exempt = list(exempt)
+    gc.collect()
+    before = _live_tensors()  # held: no storage of theirs is freed and its address reused
+    counter = Counter(exempt)  # holds every saved tensor, which autograd alone keeps in C++
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, _same):
+        out = forward()
+    gc.collect()
+    skip = before.keys() | {t.untyped_storage().data_ptr() for t in exempt}
+    after = _live_tensors()
+    held = sum(t.untyped_storage().nbytes() for key, t in after.items() if key not in skip)
+    return held, out
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _live_tensors() -> dict[int, torch.Tensor]:
+    """The tensors Python can reach, one per storage, by the storage's address."""
+    tensors = (o for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+    return {
+        t.untyped_storage().data_ptr(): t
+        for t in tensors
+        if t.layout == torch.strided and not t.is_meta
+    }
+
+
 def step_memory(
-    forward: Callable[[], T], backward: Callable[[T], object]
+    forward: Callable[[], T],
+    backward: Callable[[T], object],
+    *,
+    exact: bool = False,
+    exempt: Iterable[torch.Tensor] = (),
 ) -> tuple[int, int | None]:
-    """RSS growth of one training step: held between forward and backward, and the peak.
+    """Memory of one training step: held between forward and backward, and the peak.
 
     Collects garbage, resets the peak, then runs ``out = forward()`` and ``backward(out)``
     (``out`` stays alive through the backward, as in a training loop). Warm up first
@@ -136,12 +235,20 @@ def step_memory(
     Args:
         forward: Runs the forward pass and returns what ``backward`` needs.
         backward: Runs the loss and the backward pass on the forward's result.
+        exact: Count held memory with ``held_after_forward`` instead (``exact_memory``);
+            no peak then.
+        exempt: With ``exact``: the tensors that live anyway (``tensors_of(model, x)``).
 
     Returns:
         ``(held, peak)`` in bytes: RSS after forward minus RSS before it, and VmHWM after
-        backward minus RSS before forward (``None`` if VmHWM cannot be reset).
+        backward minus RSS before forward (``None`` if VmHWM cannot be reset, or ``exact``).
+        On CUDA, the same from ``torch.cuda.memory_allocated``.
     """
     gc.collect()
+    if exact:
+        held, out = held_after_forward(forward, exempt)
+        backward(out)
+        return held, None
     if DEVICE.type == "cuda":
         sync()
         torch.cuda.reset_peak_memory_stats()
@@ -248,6 +355,11 @@ def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
+def peak_text(peak: float | None, quick: bool) -> str:
+    """A peak in MB for a table: ``-`` where held memory is counted exactly (no peak)."""
+    return "-" if exact_memory(quick) else fmt(peak)
+
+
 def ratio(value: float, base: float, digits: int = 2, floor: float = 0.0) -> str:
     """``value / base`` with ``digits`` decimals, ``n/a`` when ``base`` is at most ``floor``.
 
@@ -261,3 +373,45 @@ def ratio(value: float, base: float, digits: int = 2, floor: float = 0.0) -> str
 def verdict(ok: bool) -> str:
     """``ok`` or ``MISSED``, for a summary line against a target."""
     return "ok" if ok else "MISSED"
+
+
+def against(target: str, ok: bool, quick: bool, *, goal: bool | None = None) -> str:
+    """`` (target) ok`` or `` (target) MISSED`` after a figure; ``""`` in a ``--quick`` run.
+
+    A quick run is a smoke test at sizes the targets are not set for: it prints the figures
+    and judges none of them.
+
+    Args:
+        target: The target as the line shows it, e.g. ``"target <= 1.25"``.
+        ok: Whether the figure meets it.
+        quick: Whether this is a ``--quick`` run.
+        goal: Whether a further goal (named in ``target``) is met, if there is one:
+            ``, goal met`` or ``, goal missed`` follows the verdict.
+    """
+    if quick:
+        return ""
+    extra = "" if goal is None else f", goal {'met' if goal else 'missed'}"
+    return f" ({target}) {verdict(ok)}{extra}"
+
+
+def summary_title(quick: bool) -> str:
+    """The heading of the lines that ``against`` ends: no targets in a ``--quick`` run."""
+    return "Summary" if quick else "Targets"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def add_output_arguments(parser: Any) -> None:
+    """``--out DIR`` and ``--plot PATH``, for ``plot_path``."""
+    parser.add_argument(
+        "--out", default="benchmark-results", help="folder for plots (default: benchmark-results)"
+    )
+    parser.add_argument("--plot", default=None, help="PNG path, instead of one in --out")
+
+
+def plot_path(args: Any, name: str) -> Path:
+    """``args.plot``, else ``args.out/name.png`` (``name-quick.png`` for a ``--quick`` run)."""
+    if args.plot:
+        return Path(args.plot)
+    return Path(args.out) / f"{name}{'-quick' if args.quick else ''}.png"

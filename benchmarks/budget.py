@@ -7,17 +7,20 @@ autograd does). Plain autograd's activation memory is the sum of the blocks' act
 the plan measures them (``ReversibleSequence.plan``).
 
 1. Memory held between forward and backward, and the peak of a step: process RSS, each
-   system in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (as ``depth.py``).
+   system in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (as ``depth.py``;
+   ``--quick``: the held bytes counted, no peak).
 2. Step time (forward + backward): medians, every system interleaved in one process,
    after one untimed step of each (which also makes each budget's plan).
 3. The targets: unlimited budget at most 1.05x plain's step; half of plain's activations
    held at most 0.6x plain's memory and a step faster than fully reversible; zero budget
-   as fully reversible.
+   as fully reversible (``--quick``, a smoke test: the figures without targets).
+4. The curve, step time and held memory against the budget: ``DIR/budget.png``
+   (``--out DIR``, default ``benchmark-results``; ``budget-quick.png`` for ``--quick``).
 
 Usage:
     python benchmarks/budget.py            # (16, 128, 256) input, about 3 minutes on 1 thread
     python benchmarks/budget.py --quick    # small input, about 30 seconds
-    python benchmarks/budget.py --plot docs/img/budget.png
+    python benchmarks/budget.py --out docs/img    # the figure of the docs
 """
 
 from __future__ import annotations
@@ -30,15 +33,20 @@ import torch
 from _measure import (
     MB,
     add_device_arguments,
+    add_output_arguments,
+    against,
     emit,
-    fmt,
+    exact_memory,
     interleaved_medians,
     memory_method,
+    peak_text,
+    plot_path,
     progress,
     run_worker,
     step_memory,
+    summary_title,
+    tensors_of,
     use_device,
-    verdict,
 )
 from torch import nn
 
@@ -96,14 +104,16 @@ class Memory:
     stored: int  # blocks that store their activations
 
 
-def measure_memory(system: str, shape: tuple[int, ...]) -> Memory:
+def measure_memory(system: str, shape: tuple[int, ...], exact: bool) -> Memory:
     """Run in the subprocess: held and peak RSS of one step (after a warm-up step)."""
     seq, x = build(shape)
     plain_bytes = plain_activation_bytes(seq, x)
     configure(seq, system, plain_bytes)
     stored = DEPTH if system == "plain" else sum(seq.plan(x).stored)
     train_step(seq, x)
-    held, peak = step_memory(lambda: seq(x), lambda y: y.sum().backward())
+    held, peak = step_memory(
+        lambda: seq(x), lambda y: y.sum().backward(), exact=exact, exempt=tensors_of(seq, x)
+    )
     return Memory(held / MB, None if peak is None else peak / MB, stored)
 
 
@@ -112,16 +122,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small input, 3 repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per system")
-    parser.add_argument("--plot", default=None, help="write the budget curve to this PNG")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     add_device_arguments(parser)
+    add_output_arguments(parser)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     device = use_device(args)
     shape = (4, 64, 256) if args.quick else (16, 128, 256)
     if args.memory_worker:
-        emit(asdict(measure_memory(args.memory_worker, shape)))
+        emit(asdict(measure_memory(args.memory_worker, shape, exact_memory(args.quick))))
         return
     repeats = args.repeats or (3 if args.quick else 5)
     systems = ["plain", *map(str, FRACTIONS)]
@@ -153,7 +163,7 @@ def main() -> None:
     )
     progress("")
 
-    print("\n".join(memory_method()))
+    print("\n".join(memory_method(args.quick)))
     print(f"Time: median of {repeats}, every system interleaved in one process\n")
     print(
         f"{'system':<14} {'budget MB':>10} {'stored':>7} {'held MB':>9} {'x plain':>8} "
@@ -165,34 +175,33 @@ def main() -> None:
         m = memory[s]
         print(
             f"{label(s):<14} {budget:>10} {m.stored:>4}/{DEPTH:<2} {m.held:>9.1f} "
-            f"{m.held / plain_held:>8.3f} {fmt(m.peak):>9} {medians[s] * 1e3:>9.1f} "
+            f"{m.held / plain_held:>8.3f} {peak_text(m.peak, args.quick):>9} "
+            f"{medians[s] * 1e3:>9.1f} "
             f"{medians[s] / plain_step:>8.2f}"
         )
 
     inf, half, zero = str(float("inf")), "0.5", "0.0"
-    print("\nTargets")
+    print(f"\n{summary_title(args.quick)}")
     r = medians[inf] / plain_step
-    print(f"  unlimited budget / plain step: {r:.3f}x (<= {INF_TARGET}) {verdict(r <= INF_TARGET)}")
+    tail = against(f"<= {INF_TARGET}", r <= INF_TARGET, args.quick)
+    print(f"  unlimited budget / plain step: {r:.3f}x{tail}")
     r = memory[half].held / plain_held
-    print(
-        f"  half budget / plain held memory: {r:.3f}x (<= {HALF_MEMORY_TARGET}) "
-        f"{verdict(r <= HALF_MEMORY_TARGET)}"
-    )
+    tail = against(f"<= {HALF_MEMORY_TARGET}", r <= HALF_MEMORY_TARGET, args.quick)
+    print(f"  half budget / plain held memory: {r:.3f}x{tail}")
     r = medians[half] / medians[zero]
-    print(f"  half budget / fully reversible step: {r:.3f}x (< 1) {verdict(r < 1)}")
+    print(f"  half budget / fully reversible step: {r:.3f}x{against('< 1', r < 1, args.quick)}")
     print(
         f"  zero budget: held {memory[zero].held:.1f} MB, step "
         f"{medians[zero] / plain_step:.2f}x plain (the fully reversible engine)"
     )
-    if args.plot:
-        plot(Path(args.plot), systems[1:], plain_bytes, memory, medians, plain_step, plain_held)
-        print(f"\nplot: {args.plot}")
+    path = plot_path(args, "budget")
+    plot(path, systems[1:], memory, medians, plain_step, plain_held)
+    print(f"\nplot: {path}")
 
 
 def plot(
     path: Path,
     systems: list[str],
-    plain_bytes: int,
     memory: dict[str, Memory],
     medians: dict[str, float],
     plain_step: float,

@@ -6,10 +6,12 @@ activations are recomputed in backward). Three measurements:
 
 1. Memory held between forward and backward, and the peak of one training step. Each
    (system, depth) runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536``, so
-   that large freed buffers go back to the OS and the process RSS tracks live tensors.
+   that large freed buffers go back to the OS and the process RSS tracks live tensors
+   (``--quick``: the held bytes counted, no peak).
 2. Step time (forward + backward) and no-grad forward time, timed interleaved in one
    process (plain, revtree, plain, revtree, ...) so that machine noise hits both alike.
-3. A summary against the targets: revtree's held memory flat in depth, far below plain's.
+3. A summary against the targets: revtree's held memory flat in depth, far below plain's
+   (``--quick``, a smoke test: the figures without targets).
 
 Usage:
     python benchmarks/depth.py            # depths 4 8 16 32, 3-4 minutes on 1 thread
@@ -26,15 +28,17 @@ import torch
 from _measure import (
     MB,
     add_device_arguments,
+    against,
     emit,
-    fmt,
+    exact_memory,
     interleaved_medians,
     memory_method,
+    peak_text,
     progress,
     run_worker,
     step_memory,
+    tensors_of,
     use_device,
-    verdict,
 )
 from torch import nn
 
@@ -105,21 +109,23 @@ class Memory:
     params: float  # MB, the parameters, hence also their gradients
 
 
-def measure_memory(system: str, depth: int, shape: tuple[int, ...]) -> Memory:
-    """Run in the subprocess: held and peak RSS growth of one training step."""
+def measure_memory(system: str, depth: int, shape: tuple[int, ...], exact: bool) -> Memory:
+    """Run in the subprocess: held and peak RSS growth of one training step (or held, counted)."""
     seq, x = build(depth, shape, reversible=system == "revtree")
     train_step(seq, x)  # warm-up: allocator pools, lazy initialisation
-    held, peak = step_memory(lambda: seq(x), lambda y: loss_of(y).backward())
+    held, peak = step_memory(
+        lambda: seq(x), lambda y: loss_of(y).backward(), exact=exact, exempt=tensors_of(seq, x)
+    )
     params = sum(p.numel() * p.element_size() for p in seq.parameters())
     return Memory(held / MB, None if peak is None else peak / MB, params / MB)
 
 
 def memory_in_subprocess(
-    system: str, depth: int, shape: tuple[int, ...], threads: int, device: list[str]
+    system: str, depth: int, shape: tuple[int, ...], threads: int, flags: list[str]
 ) -> Memory:
     shape_arg = ",".join(map(str, shape))
     args = ["--threads", str(threads), "--shape", shape_arg, "--memory-worker", f"{system}:{depth}"]
-    return Memory(**run_worker(__file__, [*args, *device]))
+    return Memory(**run_worker(__file__, [*args, *flags]))
 
 
 # ---------------------------------------------------------------- time (interleaved, one process)
@@ -169,7 +175,7 @@ def main() -> None:
         shape = tuple(int(n) for n in args.shape.split(","))
     if args.memory_worker:
         system, depth = args.memory_worker.split(":")
-        emit(asdict(measure_memory(system, int(depth), shape)))
+        emit(asdict(measure_memory(system, int(depth), shape, exact_memory(args.quick))))
         return
     depths = sorted(args.depths or ([4, 16] if args.quick else [4, 8, 16, 32]))
     repeats = args.repeats or (3 if args.quick else 5)
@@ -187,21 +193,22 @@ def main() -> None:
     runs = [(s, d) for d in depths for s in SYSTEMS]
     for i, (s, d) in enumerate(runs, 1):
         progress(f"memory: {s} depth {d} ({i}/{len(runs)})")
-        memory[s, d] = memory_in_subprocess(s, d, shape, args.threads, device)
+        flags = [*device, *(["--quick"] if args.quick else [])]
+        memory[s, d] = memory_in_subprocess(s, d, shape, args.threads, flags)
     timing: dict[int, dict[str, Timing]] = {}
     for i, d in enumerate(depths, 1):
         progress(f"time: depth {d} ({i}/{len(depths)}), {repeats} interleaved repeats")
         timing[d] = measure_time(d, shape, repeats)
     progress("")
 
-    print("\n".join(memory_method()))
+    print("\n".join(memory_method(args.quick)))
     header = f"{'system':<8} {'depth':>5} {'held MB':>9} {'x plain':>8}"
     print(f"{header} {'peak MB':>9} {'param MB':>9}")
     for d in depths:
         for s in SYSTEMS:
             m = memory[s, d]
             row = f"{s:<8} {d:>5} {m.held:>9.1f} {m.held / memory['plain', d].held:>8.3f}"
-            print(f"{row} {fmt(m.peak):>9} {m.params:>9.1f}")
+            print(f"{row} {peak_text(m.peak, args.quick):>9} {m.params:>9.1f}")
 
     print(f"\nTime: median of {repeats}, plain and revtree interleaved in one process")
     print("  step = forward + backward; forward = under torch.no_grad")
@@ -220,12 +227,12 @@ def main() -> None:
 
     print("\nSummary")
     print(
-        f"  revtree held memory, depth {hi} / depth {lo}: {flat:.2f}x "
-        f"(target <= {HELD_TARGET}) {verdict(flat <= HELD_TARGET)}"
+        f"  revtree held memory, depth {hi} / depth {lo}: {flat:.2f}x"
+        + against(f"target <= {HELD_TARGET}", flat <= HELD_TARGET, args.quick)
     )
     print(
-        f"  revtree / plain held memory at depth {hi}: {vs_plain:.3f} "
-        f"(target < 1/{round(1 / PLAIN_TARGET)}) {verdict(vs_plain < PLAIN_TARGET)}"
+        f"  revtree / plain held memory at depth {hi}: {vs_plain:.3f}"
+        + against(f"target < 1/{round(1 / PLAIN_TARGET)}", vs_plain < PLAIN_TARGET, args.quick)
     )
     print(
         f"  revtree / plain step time: {step_ratios[-1]:.2f}x at depth {hi} "

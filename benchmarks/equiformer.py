@@ -16,9 +16,12 @@ and ``blocks.{i}.1`` where the reversible ones say ``blocks.{i}.f.net`` and
 1. Step time (forward + loss + backward), median, the three systems interleaved in one
    process (sequential, package-rev, revtree, sequential, ...).
 2. Memory held between forward and backward, and the step's peak: process RSS, a fresh
-   subprocess per system with ``MALLOC_MMAP_THRESHOLD_=65536`` (as ``depth.py``).
+   subprocess per system with ``MALLOC_MMAP_THRESHOLD_=65536`` (as ``depth.py``;
+   ``--quick``: the held bytes counted, no peak).
 3. The largest difference between the parameter gradients of revtree and package-rev,
    from one step with identical inputs.
+
+A summary against the targets follows (``--quick``, a smoke test: the figures without them).
 
 Usage:
     python benchmarks/equiformer.py            # 32 nodes, depth 8, about 3 minutes on 1 thread
@@ -39,17 +42,20 @@ import torch
 from _measure import (
     MB,
     add_device_arguments,
+    against,
     emit,
-    fmt,
+    exact_memory,
+    held_noise,
     interleaved_medians,
     memory_method,
     on_device,
+    peak_text,
     progress,
     ratio,
     run_worker,
     step_memory,
+    tensors_of,
     use_device,
-    verdict,
 )
 from equiformer_pytorch import Equiformer
 from torch import nn
@@ -60,7 +66,6 @@ from revtree.adapters import equiformer as adapter
 SYSTEMS = ("sequential", "package-rev", "revtree")
 STEP_TARGET, STEP_GOAL = 1.0, 0.9  # revtree / package-rev step time: at most, and the goal
 HELD_TARGET = 1.0  # revtree / package-rev held memory, at most
-HELD_NOISE = 1.0  # MB: RSS differences below this are noise (pages, heap reuse and trimming)
 
 
 @dataclass(frozen=True)
@@ -170,19 +175,24 @@ class Memory:
     params: float  # MB, the parameters, hence also their gradients
 
 
-def measure_memory(system: str, config: Config) -> Memory:
-    """Run in the subprocess: held and peak RSS growth of one training step."""
+def measure_memory(system: str, config: Config, exact: bool) -> Memory:
+    """Run in the subprocess: held and peak RSS growth of one training step (or held, counted)."""
     model = build(config, [system])[system]
     x = Inputs.make(config)
     train_step(model, x)  # warm-up: allocator pools, lazy initialisation
-    held, peak = step_memory(lambda: forward(model, x), lambda out: loss_of(out, x).backward())
+    held, peak = step_memory(
+        lambda: forward(model, x),
+        lambda out: loss_of(out, x).backward(),
+        exact=exact,
+        exempt=tensors_of(model, vars(x)),
+    )
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     return Memory(held / MB, None if peak is None else peak / MB, params / MB)
 
 
-def memory_in_subprocess(system: str, config: Config, threads: int, device: list[str]) -> Memory:
+def memory_in_subprocess(system: str, config: Config, threads: int, flags: list[str]) -> Memory:
     args = ["--threads", str(threads), "--nodes", str(config.nodes), "--depth", str(config.depth)]
-    return Memory(**run_worker(__file__, [*args, "--memory-worker", system, *device]))
+    return Memory(**run_worker(__file__, [*args, "--memory-worker", system, *flags]))
 
 
 # ---------------------------------------------------------------- time and gradients
@@ -239,7 +249,7 @@ def main() -> None:
     depth = args.depth or (4 if args.quick else 8)
     config = Config(nodes=nodes, depth=depth)
     if args.memory_worker:
-        emit(asdict(measure_memory(args.memory_worker, config)))
+        emit(asdict(measure_memory(args.memory_worker, config, exact_memory(args.quick))))
         return
     repeats = args.repeats or (5 if args.quick else 11)
 
@@ -265,7 +275,8 @@ def main() -> None:
     memory: dict[str, Memory] = {}
     for i, s in enumerate(SYSTEMS, 1):
         progress(f"memory: {s} ({i}/{len(SYSTEMS)})")
-        memory[s] = memory_in_subprocess(s, config, args.threads, device)
+        flags = [*device, *(["--quick"] if args.quick else [])]
+        memory[s] = memory_in_subprocess(s, config, args.threads, flags)
     progress("building the models")
     models = build(config, SYSTEMS)
     x = Inputs.make(config)
@@ -277,23 +288,26 @@ def main() -> None:
 
     n_params = sum(p.numel() for p in models["package-rev"].parameters())
     print(f"{n_params:,} parameters ({memory['package-rev'].params:.1f} MB)\n")
-    print("\n".join(memory_method()))
+    noise = held_noise(args.quick)
+    print("\n".join(memory_method(args.quick)))
     print(f"Time: median of {repeats}, the three systems interleaved in one process")
     print("  step = forward + loss + backward (+ zero_grad)")
-    print(f"x pkg, x seq: ratio to package-rev, to sequential (n/a: base below {HELD_NOISE} MB)\n")
+    below = f" (n/a: base below {noise} MB)" if noise else ""
+    print(f"x pkg, x seq: ratio to package-rev, to sequential{below}\n")
 
     pkg, seq = "package-rev", "sequential"
     print(
         f"{'system':<12} {'step ms':>9} {'x pkg':>6} {'x seq':>6}"
         f" {'held MB':>9} {'x pkg':>6} {'x seq':>6} {'peak MB':>9} {'param MB':>9}"
     )
+    digits = 3 if args.quick else 2
     for s in SYSTEMS:
         t, m = timing[s], memory[s]
         print(
             f"{s:<12} {t * 1e3:>9.1f} {t / timing[pkg]:>6.2f} {t / timing[seq]:>6.2f}"
-            f" {m.held:>9.2f} {ratio(m.held, memory[pkg].held, floor=HELD_NOISE):>6}"
-            f" {ratio(m.held, memory[seq].held, floor=HELD_NOISE):>6}"
-            f" {fmt(m.peak):>9} {m.params:>9.1f}"
+            f" {m.held:>9.{digits}f} {ratio(m.held, memory[pkg].held, floor=noise):>6}"
+            f" {ratio(m.held, memory[seq].held, floor=noise):>6}"
+            f" {peak_text(m.peak, args.quick):>9} {m.params:>9.1f}"
         )
 
     print(
@@ -307,18 +321,16 @@ def main() -> None:
 
     step = timing["revtree"] / timing[pkg]
     held, held_pkg = memory["revtree"].held, memory[pkg].held
-    goal = "goal met" if step <= STEP_GOAL else "goal missed"
     print("\nSummary")
-    print(
-        f"  revtree / package-rev step time: {step:.2f}x "
-        f"(target <= {STEP_TARGET}, goal {STEP_GOAL}) {verdict(step <= STEP_TARGET)}, {goal}"
-    )
-    held_ok = held <= max(HELD_TARGET * held_pkg, held_pkg + HELD_NOISE)
-    held_ratio = ratio(held, held_pkg, floor=HELD_NOISE)
+    target = f"target <= {STEP_TARGET}, goal {STEP_GOAL}"
+    tail = against(target, step <= STEP_TARGET, args.quick, goal=step <= STEP_GOAL)
+    print(f"  revtree / package-rev step time: {step:.2f}x{tail}")
+    held_ok = held <= max(HELD_TARGET * held_pkg, held_pkg + noise)
+    held_ratio = ratio(held, held_pkg, floor=noise)
+    target = f"target <= {HELD_TARGET}x, or within the {noise} MB RSS noise"
     print(
         f"  revtree / package-rev held memory: {held_ratio}{'' if held_ratio == 'n/a' else 'x'}, "
-        f"{held:.2f} MB vs {held_pkg:.2f} MB (target <= {HELD_TARGET}x, "
-        f"or within the {HELD_NOISE} MB RSS noise) {verdict(held_ok)}"
+        f"{held:.{digits}f} MB vs {held_pkg:.{digits}f} MB{against(target, held_ok, args.quick)}"
     )
     print(
         f"  revtree / sequential: held memory {ratio(held, memory[seq].held, 3)}x, "

@@ -27,14 +27,19 @@ Measured:
    (A B C ... A B C ...) so that machine noise hits all alike.
 2. Memory held between forward and backward, and the peak of the step: process RSS, a
    fresh subprocess per (system, workload, depth) with ``MALLOC_MMAP_THRESHOLD_=65536``
-   (as ``depth.py``), after one warm-up step.
+   (as ``depth.py``), after one warm-up step (``--quick``: the held bytes counted, no peak).
 3. Gradients against plain autograd: one step with identical weights and inputs, in
    float32 and in float64; the largest relative difference over every parameter and the
    input, each tensor's max |difference| divided by its max |plain gradient|.
 
+A summary against the targets follows (``--quick``: the figures without targets), and a
+plot of workload a, memory and time against depth: ``DIR/peers.png`` (``--out DIR``,
+default ``benchmark-results``; ``peers-quick.png`` for ``--quick``).
+
 Usage:
     python benchmarks/peers.py            # full run, about 12 minutes on 1 thread
     python benchmarks/peers.py --quick    # small sizes, depths 4 8: a smoke test, ~1 minute
+    python benchmarks/peers.py --out docs/img    # the figure of the docs
 """
 
 from __future__ import annotations
@@ -47,7 +52,6 @@ import importlib
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -55,7 +59,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
-from itertools import chain
+from itertools import chain, cycle
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +69,22 @@ import torch
 from _measure import (
     MB,
     add_device_arguments,
+    add_output_arguments,
+    against,
     emit,
-    fmt,
+    exact_memory,
+    held_noise,
     interleaved_medians,
     memory_method,
+    peak_text,
+    plot_path,
     progress,
     ratio,
     run_worker,
     step_memory,
+    summary_title,
+    tensors_of,
     use_device,
-    verdict,
 )
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -127,7 +137,6 @@ PEER_TARGET = 0.95  # (a) revtree / best of RevLib, RevTorch, MemCNN step time, 
 EQUIFORMER_TARGET = 0.90  # (b) revtree / equiformer-pytorch step time, at most
 OVERHEAD_TARGET = 0.5  # (c) revtree / equiformer-pytorch per-block overhead over plain, at most
 HELD_TARGET = 1.25  # (a) revtree held memory, largest / smallest depth, at most
-HELD_NOISE = 1.0  # MB: RSS differences below this are noise (pages, heap reuse and trimming)
 GRAD_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}  # relative gradient error: "ok" below
 
 _modules: dict[str, Any] = {}
@@ -509,13 +518,18 @@ class Memory:
     params: float  # MB, the parameters, hence also their gradients
 
 
-def measure_memory(workload: str, system: str, depth: int, cfg: Config) -> Memory:
-    """Run in the subprocess: held and peak RSS growth of one training step."""
+def measure_memory(workload: str, system: str, depth: int, cfg: Config, exact: bool) -> Memory:
+    """Run in the subprocess: held and peak RSS growth of one training step (or held, counted)."""
     dtype = torch.get_default_dtype()  # float32, or --dtype
     model = build(workload, system, make_pairs(workload, cfg, depth, dtype))
     x, w = make_input(workload, cfg, dtype)
     train_step(model, x, w)  # warm-up: allocator pools, lazy initialisation
-    held, peak = step_memory(lambda: model(x), lambda y: loss_of(y, w).backward())
+    held, peak = step_memory(
+        lambda: model(x),
+        lambda y: loss_of(y, w).backward(),
+        exact=exact,
+        exempt=tensors_of(model, x, w),
+    )
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     return Memory(held / MB, None if peak is None else peak / MB, params / MB)
 
@@ -625,17 +639,24 @@ def gradient_check(
 # ---------------------------------------------------------------- plot
 
 
-def plot(path: Path, depths: list[int], systems: list[str], memory: dict, timing: dict) -> None:
+def plot(
+    path: Path, depths: list[int], systems: list[str], memory: dict, timing: dict, exact: bool
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for s in systems:
+    # one marker each: lines of systems that hold the same bytes lie on each other
+    for s, marker in zip(systems, cycle("osD^vPX*")):
         name = SYSTEMS[s][0]
-        style = dict(marker="o", linewidth=2.5 if s == "revtree" else 1.2, label=name)
-        held = [max(memory["a", s, d].held, 0.1) for d in depths]
+        style = dict(marker=marker, linewidth=2.5 if s == "revtree" else 1.2, label=name)
+        # RSS can fall a little over a forward that holds almost nothing: such a figure is
+        # drawn at 0.1 MB; counted bytes are always above zero, and drawn as they are
+        held = [
+            memory["a", s, d].held if exact else max(memory["a", s, d].held, 0.1) for d in depths
+        ]
         ax_mem.plot(depths, held, **style)
         per_block = [timing["a", d][s].step * 1e3 / d for d in depths]
         ax_time.plot(depths, per_block, **style)
@@ -646,7 +667,7 @@ def plot(path: Path, depths: list[int], systems: list[str], memory: dict, timing
         ax.grid(True, which="both", alpha=0.3)
     ax_mem.set_yscale("log")
     ax_time.set_ylim(bottom=0)
-    ax_mem.set_ylabel("memory held, forward to backward (MB, RSS)")
+    ax_mem.set_ylabel(f"memory held, forward to backward (MB, {'counted' if exact else 'RSS'})")
     ax_time.set_ylabel("training step / depth (ms per block, median)")
     ax_mem.set_title("Memory held between forward and backward")
     ax_time.set_title("Step time (forward + backward) per block")
@@ -692,9 +713,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds, all")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--jobs", type=int, default=2, help="memory workers run side by side")
-    parser.add_argument("--plot", default=None, help="PNG path (default docs/img/peers.png)")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     add_device_arguments(parser)
+    add_output_arguments(parser)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -703,14 +724,8 @@ def main() -> None:
     cfg = Config.make(args.quick, args.depths, args.repeats)
     if args.memory_worker:
         workload, system, depth = args.memory_worker.split(":")
-        emit(asdict(measure_memory(workload, system, int(depth), cfg)))
+        emit(asdict(measure_memory(workload, system, int(depth), cfg, exact_memory(args.quick))))
         return
-    if args.plot:
-        plot_path = Path(args.plot)
-    elif args.quick:  # a smoke test must not overwrite the documented figure
-        plot_path = Path(tempfile.gettempdir()) / "peers-quick.png"
-    else:
-        plot_path = Path(__file__).resolve().parent.parent / "docs" / "img" / "peers.png"
 
     started, digest = time.perf_counter(), source_digest()
     print(
@@ -787,16 +802,20 @@ def main() -> None:
     progress("")
 
     # ------------------------------------------------------------ tables
-    print("\n".join(memory_method()))
+    noise, exact = held_noise(args.quick), exact_memory(args.quick)
+    print("\n".join(memory_method(args.quick)))
     print("Time: medians; per (workload, depth) every system timed in one process, interleaved")
     print("  (A step, A forward, B step, B forward, ...); one untimed step of each first")
     print("  (for workload a at its first depth only: the process is warm after it);")
     print("  step = forward + weighted-sum loss + backward + zero_grad; forward under no_grad")
     print(f"  (on a fresh clone of the input); rounds: workload a {list(cfg.a_repeats)} by depth,")
     print(f"  b {cfg.b_repeats}, c {cfg.c_repeats}. x plain: ratio to plain autograd")
-    print(f"  (n/a: base below the {HELD_NOISE} MB RSS noise)")
+    if noise:
+        print(f"  (n/a: base below the {noise} MB RSS noise)")
     print("Gradients: one step, identical weights and inputs; max over all parameters and the")
     print("  input of max |system - plain| / max |plain|; (k none): k tensors without a gradient")
+
+    digits = 3 if exact else 1  # counted bytes of small tensors: tens of kB
 
     def table(wl: str) -> None:
         head = f"{'system':<19} {'depth':>5} {'step ms':>9} {'x plain':>7} {'fwd ms':>8}"
@@ -808,8 +827,9 @@ def main() -> None:
                 print(
                     f"{SYSTEMS[s][0]:<19} {depth:>5} {t[s].step * 1e3:>9.1f}"
                     f" {t[s].step / t['plain'].step:>7.2f} {t[s].forward * 1e3:>8.1f}"
-                    f" {t[s].forward / t['plain'].forward:>7.2f} {m.held:>8.1f}"
-                    f" {ratio(m.held, mp.held, floor=HELD_NOISE):>7} {fmt(m.peak):>8}"
+                    f" {t[s].forward / t['plain'].forward:>7.2f} {m.held:>8.{digits}f}"
+                    f" {ratio(m.held, mp.held, floor=noise):>7}"
+                    f" {peak_text(m.peak, args.quick):>8}"
                     f" {m.params:>8.1f}"
                 )
 
@@ -853,17 +873,18 @@ def main() -> None:
     gradient_table(grads["c"], systems["c"])
 
     # ------------------------------------------------------------ plot
-    plot(plot_path, list(cfg.depths), systems["a"], memory, timing)
-    print(f"\nplot: {plot_path}")
+    path = plot_path(args, "peers")
+    plot(path, list(cfg.depths), systems["a"], memory, timing, exact)
+    print(f"\nplot: {path}")
 
     # ------------------------------------------------------------ targets
-    print("\nTargets")
+    print(f"\n{summary_title(args.quick)}")
     d16 = 16 if 16 in cfg.depths else cfg.depths[-1]
     ta = timing["a", d16]
     step = ta["revtree"].step / ta["plain"].step
     print(
-        f"  (a) revtree / plain step time at depth {d16}: {step:.2f}x "
-        f"(target <= {STEP_TARGET}) {verdict(step <= STEP_TARGET)}"
+        f"  (a) revtree / plain step time at depth {d16}: {step:.2f}x"
+        + against(f"target <= {STEP_TARGET}", step <= STEP_TARGET, args.quick)
     )
     rivals = [s for s in TENSOR_PEERS if s in ta]
     if rivals:
@@ -871,8 +892,8 @@ def main() -> None:
         vs = ta["revtree"].step / ta[best].step
         print(
             f"  (a) revtree / best of {', '.join(SYSTEMS[s][0] for s in rivals)} "
-            f"({SYSTEMS[best][0]}) step time at depth {d16}: {vs:.2f}x "
-            f"(target <= {PEER_TARGET}) {verdict(vs <= PEER_TARGET)}"
+            f"({SYSTEMS[best][0]}) step time at depth {d16}: {vs:.2f}x"
+            + against(f"target <= {PEER_TARGET}", vs <= PEER_TARGET, args.quick)
         )
     else:
         print("  (a) revtree / best of RevLib, RevTorch, MemCNN: none installed, skipped")
@@ -881,8 +902,8 @@ def main() -> None:
         vs = tb["revtree"].step / tb["equiformer"].step
         print(
             f"  (b) revtree / equiformer-pytorch step time: {vs:.3f}x, "
-            f"{abs(1 - vs) * 100:.1f}% {'faster' if vs <= 1 else 'slower'} "
-            f"(target: >= 10% faster) {verdict(vs <= EQUIFORMER_TARGET)}"
+            f"{abs(1 - vs) * 100:.1f}% {'faster' if vs <= 1 else 'slower'}"
+            + against("target: >= 10% faster", vs <= EQUIFORMER_TARGET, args.quick)
         )
     else:
         print("  (b) equiformer-pytorch not installed, skipped")
@@ -892,8 +913,8 @@ def main() -> None:
         print(
             f"  (c) per-block overhead over plain: revtree {over['revtree']:.0f} us, "
             f"equiformer-pytorch {over['equiformer']:.0f} us, ratio "
-            f"{ratio(over['revtree'], over['equiformer'])} (target <= {OVERHEAD_TARGET}) "
-            f"{verdict(ok)}"
+            f"{ratio(over['revtree'], over['equiformer'])}"
+            + against(f"target <= {OVERHEAD_TARGET}", ok, args.quick)
         )
     else:
         print("  (c) equiformer-pytorch not installed, skipped")
@@ -908,12 +929,13 @@ def main() -> None:
         if s in ("plain", "checkpoint"):
             continue
         held_lo, held_hi = memory["a", s, lo].held, memory["a", s, hi].held
-        ok = held_hi <= max(HELD_TARGET * held_lo, held_lo + HELD_NOISE)
-        tag = f"(target <= {HELD_TARGET}x or within {HELD_NOISE} MB) {verdict(ok)}"
+        ok = held_hi <= max(HELD_TARGET * held_lo, held_lo + noise)
+        target = f"target <= {HELD_TARGET}x or within {noise} MB"
         print(
             f"  (a) {SYSTEMS[s][0]} held memory, depth {hi} / depth {lo}: "
-            f"{ratio(held_hi, held_lo, floor=HELD_NOISE)}, {held_hi:.1f} MB vs {held_lo:.1f} MB"
-            + (f" {tag}" if s == "revtree" else "")
+            f"{ratio(held_hi, held_lo, floor=noise)}, "
+            f"{held_hi:.{digits}f} MB vs {held_lo:.{digits}f} MB"
+            + (against(target, ok, args.quick) if s == "revtree" else "")
         )
     if source_digest() != digest:
         print("\nWARNING: revtree's source files changed during the run; rows may mix versions")
