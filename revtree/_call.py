@@ -13,7 +13,7 @@ from ._autocast import AutocastState
 from ._buffers import Policy
 from ._context import Context, Route
 from ._layout import Layout
-from ._rng import Generators, generators_for
+from ._rng import Generators, State, generators_for
 
 if TYPE_CHECKING:
     from ._strategies import Strategy
@@ -39,6 +39,7 @@ class Call:
         "memo",
         "namespace",
         "policy",
+        "rng_state",
         "strategy",
         "strict_drift",
         "update_spec",
@@ -66,6 +67,7 @@ class Call:
         self.kwargs = context.rebuild(copies)
         self.keywords = (copies if context.to_f else [], copies if context.to_g else [])
         self.generators: Generators | None = None
+        self.rng_state: State | None = None  # the last state captured, for the next to share
         self.autocast: AutocastState | None = None
         self.memo: dict[Any, Any] = {}  # what a strategy works out once per call
 

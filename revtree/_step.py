@@ -270,7 +270,9 @@ class Step:
         kw_before = _checks.versions(keywords) if keywords else None
         reads = self.reads[which] if self.reads is not None else None
         if reads is not None:
-            state = call.generators.capture() if call.generators is not None else None
+            state = None
+            if call.generators is not None:
+                state = call.rng_state = call.generators.capture_since(call.rng_state)
             snapshot = Snapshot.take(reads.modules, call.policy) if reads.modules else None
         previous = _state.enter(index, False)
         try:

@@ -611,3 +611,68 @@ def test_buffers_and_hooks_with_a_duplicate_codec_and_keyword_tensors():
             assert_trees_close(got, expected, what=f"step {step}")
             assert_trees_close(buffers(blocks), buffers(ref), tol=0)
     assert len(fired) == 2
+
+
+# ------------------------------------------------------------ random state, held once
+
+
+def _held_storages(forward):
+    """The bytes of every tensor storage Python reaches that ``forward()`` made and left alive."""
+    import gc
+
+    def live():
+        gc.collect()
+        found = {}
+        for o in gc.get_objects():
+            if type(o) in (torch.Tensor, nn.Parameter) and o.layout == torch.strided:
+                try:
+                    found[o.untyped_storage().data_ptr()] = o
+                except (RuntimeError, NotImplementedError):  # fakes and wrappers left by others
+                    pass
+        return found
+
+    before = live()
+    out = forward()
+    after = live()
+    held = sum(t.untyped_storage().nbytes() for k, t in after.items() if k not in before)
+    return held, out
+
+
+def test_blocks_that_draw_nothing_hold_one_random_state_whatever_the_depth():
+    """Random states are kept per call of f and g only where they differ (dropout)."""
+    x = x_(4, 6)
+    held = {}
+    for depth in (2, 8):
+        seq = revtree.ReversibleSequence([(mlp(), mlp()) for _ in range(depth)])
+        held[depth], out = _held_storages(lambda seq=seq: seq(x))
+        del out
+    assert held[2] == held[8]
+    drop = revtree.ReversibleSequence(
+        [(nn.Sequential(mlp(), nn.Dropout(0.5)), mlp()) for _ in range(8)]
+    )
+    with_dropout, out = _held_storages(lambda: drop(x))
+    assert with_dropout >= held[8] + 7 * torch.default_generator.get_state().nbytes
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_in_some_blocks_only_draws_the_forwards_masks(mode):
+    """States shared by blocks that draw nothing, distinct around those that draw."""
+    torch.manual_seed(7)
+    blocks = [
+        (mlp(), mlp()),
+        (nn.Sequential(mlp(), nn.Dropout(0.3)), mlp()),
+        (mlp(), mlp()),
+        (mlp(), nn.Sequential(nn.Dropout(0.5), mlp())),
+        (mlp(), mlp()),
+    ]
+    ref = copy.deepcopy(blocks)
+    x, w = x_(6, 6), x_(6, 6, seed=1)
+    seq = revtree.ReversibleSequence(blocks)
+    torch.manual_seed(11)
+    ours = grads((seq(x) * w).sum(), [x, *params(blocks)], mode)
+    after_ours = torch.rand(3)
+    torch.manual_seed(11)
+    theirs = grads((plain(ref, x) * w).sum(), [x, *params(ref)], mode)
+    assert torch.equal(after_ours, torch.rand(3))  # the stream continues as plain's does
+    for a, b in zip(ours, theirs):
+        assert_trees_close(a, b)
