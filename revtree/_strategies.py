@@ -236,6 +236,8 @@ class _Fn:
             out = step.recompute(which, tree, leaves, k, self.back)
             step.returned_again(which, k, _trees.flatten(out, call.namespace)[0])
         coupling = call.strategy.coupling
+        if out is None and coupling.skips_none:
+            return None
         names = step._names(tree)
         if isinstance(coupling, Elementwise) and spec == call.layout.spec:
             n = coupling.arity

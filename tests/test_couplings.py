@@ -315,3 +315,36 @@ def test_bad_coupling_and_parameters():
         Momentum(gamma=0.0)
     with pytest.raises(ValueError, match="bound"):
         Affine(bound=-1)
+
+
+def test_momentum_g_returning_none_skips_its_step():
+    """An odd number of momentum steps: the last block's g returns None, and nothing moves."""
+    torch.manual_seed(0)
+    hs = [nn.Sequential(nn.Linear(4, 4), nn.Tanh()).double() for _ in range(3)]
+    skip = revtree.Fn(lambda x: None)
+    seq = revtree.ReversibleSequence([(hs[0], hs[1]), (hs[2], skip)], coupling=Momentum(0.8))
+    x1 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.cat([x1, x2], -1)  # Split(-1): position, velocity
+
+    def plain(p, v):  # the momentum steps by hand
+        for h in hs:
+            v = 0.8 * v + 0.2 * h(p)
+            p = p + v
+        return torch.cat([p, v], -1)
+
+    w = torch.randn(5, 8, dtype=torch.float64)
+    got = torch.autograd.grad((seq(x) * w).sum(), [x1, x2, *seq.parameters()])
+    want = torch.autograd.grad((plain(x1, x2) * w).sum(), [x1, x2, *seq.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(seq.inverse(seq(x)), x, rtol=1e-10, atol=1e-12)
+
+
+def test_none_is_refused_by_couplings_that_do_not_skip():
+    seq = revtree.ReversibleSequence(
+        [(nn.Linear(2, 2), revtree.Fn(lambda x: None))], coupling=Shear()
+    )
+    # a coupling that does not skip gets the None, and its error names the block
+    with pytest.raises(revtree.RevtreeError, match=r"block 0: Shear\(\)\.forward raised TypeError"):
+        seq(torch.randn(3, 4))

@@ -17,6 +17,8 @@ PUBLIC_MODULES = ["revtree", "revtree.codecs", "revtree.couplings", "revtree.tes
 ADAPTERS = {
     "revtree.adapters.equiformer": ["ReversibleSequence", "SequentialSequence", "patch"],
     "revtree.adapters.reformer": ["ReversibleSequence", "patch"],
+    "revtree.adapters.se3_transformer": ["ReversibleSequence", "SequentialSequence", "patch"],
+    "revtree.adapters.momentumnet": ["MomentumNet", "transform_to_momentumnet", "patch"],
 }
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+# (modules named _*.py are shared by the examples, not run on their own)
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("[!_]*.py"))
 SCI = r"\d\.\d+e[-+]\d+"  # a number as the examples print them, e.g. 5.4e-16
 
 # Lines each script must print (regular expressions, searched in its output). The scripts
@@ -35,6 +36,13 @@ EXPECTED = {
         r"revtree's trunk computes the package's function: True",
         r"plain autograd: +\d+\.\d MB saved for backward",
         r"revtree reversible: +\d+\.\d MB saved for backward",
+    ],
+    "momentum_resnet.py": [
+        r"ResNet-18, batch of 64: kept for backward \d+\.\d MiB as a ResNet, \d+\.\d MiB as a "
+        r"Momentum ResNet \(0\.\d\dx\)",
+        r"ResNet-34, batch of 64: kept for backward \d+\.\d MiB as a ResNet, \d+\.\d MiB as a "
+        r"Momentum ResNet \(0\.\d\dx\)",
+        r"mean loss of the first 3 steps \d\.\d+, of the last 3 \d\.\d+",
     ],
     "multimodal.py": [
         r"output shapes: \{'image': \{'patches': \(2, 49, 48\), 'global': \(2, 32\)\}, "

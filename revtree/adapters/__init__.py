@@ -6,12 +6,16 @@ Each adapter is a submodule, imported on first use (``import revtree`` imports n
   ``ReversibleSequence`` and ``SequentialSequence``.
 - [`revtree.adapters.reformer`][revtree.adapters.reformer]: reformer-pytorch's
   ``ReversibleSequence``.
+- [`revtree.adapters.se3_transformer`][revtree.adapters.se3_transformer]:
+  se3-transformer-pytorch's reversible trunk.
+- [`revtree.adapters.momentumnet`][revtree.adapters.momentumnet]: momentumnet's
+  ``MomentumNet`` and ``transform_to_momentumnet``.
 """
 
 import importlib
 from types import ModuleType
 
-_ADAPTERS = ("equiformer", "reformer")
+_ADAPTERS = ("equiformer", "momentumnet", "reformer", "se3_transformer")
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -51,6 +51,11 @@ class Coupling(abc.ABC):
     """Whether ``f`` and ``g`` return pytrees shaped like their input: the engine then checks
     every call, and names the leaf of a wrong structure or shape."""
 
+    skips_none: ClassVar[bool] = False
+    """Whether ``f`` or ``g`` may return ``None`` (for the whole tree) to skip its step: the
+    coupling's ``forward`` and ``inverse`` then leave both streams as they are for that
+    call. The engine lets ``None`` through only to couplings that say so."""
+
     @abc.abstractmethod
     def forward(self, f: Fn, g: Fn, x1: Tree, x2: Tree) -> tuple[Tree, Tree]:
         """Map the input half-streams to the output half-streams."""

@@ -19,6 +19,10 @@ class Momentum(Coupling):
     reconstructing: keep ``gamma`` near 1 (``revtree.testing.reconstruction_errors`` measures
     it). See Sander, Ablin, Blondel and Peyré, "Momentum Residual Neural Networks", ICML 2021.
 
+    ``f`` or ``g`` may return ``None`` to skip its step (position and velocity stay as they
+    are), so that a stack of an odd number of steps ends in a block whose ``g`` does
+    nothing.
+
     Args:
         gamma: The momentum term, in ``(0, 1]``.
 
@@ -33,6 +37,7 @@ class Momentum(Coupling):
     """
 
     updates_like_input = True
+    skips_none = True
 
     def __init__(self, gamma: float = 0.9) -> None:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
@@ -43,14 +48,19 @@ class Momentum(Coupling):
         self.gamma = float(gamma)
 
     def _step(self, h: Fn, x: Tree, v: Tree) -> tuple[Tree, Tree]:
-        gamma = self.gamma
-        v = optree.tree_map(lambda v, u: gamma * v + (1 - gamma) * u, v, h(x))
+        gamma, u = self.gamma, h(x)
+        if u is None:  # a skipped step
+            return x, v
+        v = optree.tree_map(lambda v, u: gamma * v + (1 - gamma) * u, v, u)
         return optree.tree_map(torch.add, x, v), v
 
-    def _unstep(self, h: Fn, x: Tree, v: Tree) -> tuple[Tree, Tree]:
+    def _unstep(self, h: Fn, y: Tree, w: Tree) -> tuple[Tree, Tree]:
         gamma = self.gamma
-        x = optree.tree_map(torch.sub, x, v)
-        return x, optree.tree_map(lambda v, u: (v - (1 - gamma) * u) / gamma, v, h(x))
+        x = optree.tree_map(torch.sub, y, w)
+        u = h(x)
+        if u is None:  # the step was skipped: nothing to undo
+            return y, w
+        return x, optree.tree_map(lambda w, u: (w - (1 - gamma) * u) / gamma, w, u)
 
     def forward(self, f: Fn, g: Fn, x1: Tree, x2: Tree) -> tuple[Tree, Tree]:  # noqa: D102
         return self._step(g, *self._step(f, x1, x2))
