@@ -211,12 +211,14 @@ def _same(t: torch.Tensor) -> torch.Tensor:
 
 def _live_tensors() -> dict[int, torch.Tensor]:
     """The tensors Python can reach, one per storage, by the storage's address."""
-    tensors = (o for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
-    return {
-        t.untyped_storage().data_ptr(): t
-        for t in tensors
-        if t.layout == torch.strided and not t.is_meta
-    }
+    found: dict[int, torch.Tensor] = {}
+    for t in gc.get_objects():
+        if issubclass(type(t), torch.Tensor) and t.layout == torch.strided and not t.is_meta:
+            try:
+                found[t.untyped_storage().data_ptr()] = t
+            except (RuntimeError, NotImplementedError):  # fake and functorch-wrapped tensors
+                pass
+    return found
 
 
 def step_memory(
