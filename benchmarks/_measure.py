@@ -43,8 +43,6 @@ import optree
 import torch
 from torch import nn
 
-from revtree._saved import Counter
-
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
@@ -195,6 +193,8 @@ def held_after_forward(
     exempt = list(exempt)
     gc.collect()
     before = _live_tensors()  # held: no storage of theirs is freed and its address reused
+    from revtree._saved import Counter  # here: the scripts also time revtree versions without it
+
     counter = Counter(exempt)  # holds every saved tensor, which autograd alone keeps in C++
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, _same):
         out = forward()
