@@ -42,6 +42,10 @@ class Policy:
     def __init__(self) -> None:
         self._changes: WeakKeyDictionary[nn.Module, list[bool | None]] = WeakKeyDictionary()
 
+    def __reduce__(self) -> tuple[type[Policy], tuple[()]]:
+        """Pickled empty: what it learned is learned again (``torch.save`` of a model)."""
+        return Policy, ()
+
     def changes(self, module: nn.Module) -> bool | None:
         """Whether calling ``module`` (in its training mode) changes its buffers (None: unknown)."""
         known = self._changes.get(module)

@@ -491,3 +491,29 @@ def test_a_mapping_is_matched_by_its_keys():
     assert_trees_close(list(grads["revtree"]), list(grads["by key"]))
     with torch.no_grad():
         assert_trees_close(seq.inverse(seq(x)), x)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"memory_budget": 1000}, {"reversible": False}, {"check_drift": 1e-3}]
+)
+def test_torch_save_of_a_trained_sequence_loads_and_computes_the_same(options, tmp_path):
+    """A whole model pickled (``torch.save(model)``) after steps have filled its caches."""
+    torch.manual_seed(0)
+    blocks = [
+        (
+            nn.Sequential(
+                nn.Linear(4, 4, dtype=torch.float64), nn.BatchNorm1d(4, dtype=torch.float64)
+            ),
+            nn.Linear(4, 4, dtype=torch.float64),
+        )
+        for _ in range(3)
+    ]
+    seq = revtree.ReversibleSequence(blocks, **options)
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    for _ in range(2):
+        seq(x).sum().backward()
+    torch.save(seq, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert_trees_close(loaded(x), seq(x))  # training mode: the batch norms update alike
+    loaded(x).sum().backward()
+    assert all(p.grad is not None for p in loaded.parameters())
