@@ -212,6 +212,10 @@ def test_patch_swaps_and_restores():
             r"gamma=0\.0\): gamma must lie in \(0, 1\]",
         ),
         (lambda: adapter.MomentumNet([Shifted()], 1.5), r"gamma must lie in \(0, 1\]"),
+        (
+            lambda: adapter.MomentumNet([Shifted()], torch.tensor(0.9, requires_grad=True)),
+            "would get no gradient",
+        ),
         (lambda: adapter.MomentumNet([Shifted()], 0.9, init_speed=True), "needs init_function"),
         (
             lambda: adapter.transform_to_momentumnet(resnet18(), ["layer5"]),
@@ -222,3 +226,63 @@ def test_patch_swaps_and_restores():
 def test_errors(make, match):
     with pytest.raises(RevtreeError, match=match):
         make()
+
+
+@pytest.mark.parametrize("use_backprop", [False, True])
+def test_what_is_changed_after_construction_is_what_runs(use_backprop):
+    """A function replaced (as convert_sync_batchnorm or a DataParallel replica does) or a
+    new gamma takes effect at the next call, as in the package, which reads them per call."""
+    ref, ours = pair(4, use_backprop=use_backprop)
+    x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
+    ours(x)  # built from the first functions
+    torch.manual_seed(9)
+    new = Shifted().double()
+    for model in (ref, ours):
+        model.network.add_module("1", copy.deepcopy(new))
+        model.network.gamma = 0.7
+    assert worst(run(ref, x, None), run(ours, x, None)) < TOL
+    assert ours.network.functions[1].lin.weight.grad is None  # run() let the gradients go
+    ours(x).sum().backward()
+    assert ours.network.functions[1].lin.weight.grad is not None
+
+
+def test_gamma_as_numpy_or_tensor_number_as_the_package_takes_it():
+    np = pytest.importorskip("numpy")
+    for gamma in (np.float32(0.8), torch.tensor(0.8, dtype=torch.float64)):
+        torch.manual_seed(0)
+        fns = [Shifted() for _ in range(3)]
+        ref = momentumnet.MomentumNet(fns, gamma).double()
+        ours = adapter.MomentumNet(copy.deepcopy(fns), gamma, use_backprop=False).double()
+        x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
+        assert worst(run(ref, x, None), run(ours, x, None)) < TOL
+
+
+def test_an_initial_velocity_that_broadcasts():
+    class Learned(nn.Module):  # a learned initial velocity, one per feature
+        def __init__(self):
+            super().__init__()
+            self.v = nn.Parameter(torch.randn(D))
+
+        def forward(self, x):
+            return self.v
+
+    torch.manual_seed(1)
+    fns = [Shifted() for _ in range(3)]
+    init = Learned()
+    ref = momentumnet.MomentumNet(fns, 0.9, init_speed=True, init_function=init).double()
+    ours = adapter.MomentumNet(
+        copy.deepcopy(fns), 0.9, True, copy.deepcopy(init), use_backprop=False
+    ).double()
+    x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
+    assert worst(run(ref, x, None), run(ours, x, None)) < TOL
+
+
+def test_torch_save_of_the_whole_model(tmp_path):
+    ref, ours = pair(3)
+    x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
+    ours(x).sum().backward()  # a step first, as a saved model has had
+    ours.zero_grad(set_to_none=False)
+    x.grad = None
+    torch.save(ours, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert worst(run(ours, x, None), run(loaded, x, None)) == 0

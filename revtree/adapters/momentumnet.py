@@ -42,6 +42,7 @@ from .._errors import RevtreeError
 from .._sequence import ReversibleSequence
 from ..codecs import Rearrange, ZeroVelocity
 from ..couplings import Momentum
+from ..couplings._momentum import momentum_term
 from ._versions import require
 
 TESTED = "0.10"
@@ -106,12 +107,14 @@ class MomentumNet(nn.Module):
 class _Network(nn.Module):
     """The package's ``network``: the functions as ``0``, ``1``, ..., the velocity's as ``init``.
 
-    The ``ReversibleSequence`` that runs them is held outside the module tree, so that
-    parameter names, state dicts and ``.to()`` see the functions under the package's names
-    only.
+    Its attributes are the package's (``gamma``, ``init_speed``, ``is_residual``, the
+    submodules), read at every call as the package reads them: a function replaced after
+    construction (``nn.SyncBatchNorm.convert_sync_batchnorm``, a replica of
+    ``nn.DataParallel``) or a new ``gamma`` takes effect at the next call. The
+    ``ReversibleSequence`` that runs them is built from them, then again whenever they
+    change, and held outside the module tree, so that parameter names, state dicts and
+    ``.to()`` see the functions under the package's names only.
     """
-
-    sequence: ReversibleSequence
 
     def __init__(
         self,
@@ -123,48 +126,78 @@ class _Network(nn.Module):
         is_residual: bool,
     ) -> None:
         super().__init__()
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-            raise RevtreeError(
-                f"MomentumNet(gamma={gamma!r}): gamma must lie in (0, 1]. Hint: the velocity "
-                "is divided by gamma when a step is undone; gamma=0 is a plain ResNet."
-            )
+        _gamma(gamma)
         for i, function in enumerate(functions):
             self.add_module(str(i), function)
         if init_function is not None:
             self.add_module("init", init_function)
         self.n_functions = len(functions)
+        self.gamma = gamma
         self.init_speed = init_speed
-        steps: list[nn.Module | Fn] = [_Step(f, is_residual) for f in functions]
-        if len(steps) % 2:
-            steps.append(Fn(_skip))
-        # the initial velocity, when not zero, is stacked under the position
-        codec = Rearrange("two ... -> two ...") if init_speed else ZeroVelocity()
-        sequence = ReversibleSequence(
-            list(zip(steps[::2], steps[1::2])),
-            coupling=Momentum(gamma),
-            codec=codec,
-            route="both",
-            reversible=not use_backprop,
-        )
-        self.__dict__["sequence"] = sequence  # not a submodule: see the class docstring
+        self.is_residual = is_residual
+        self.use_backprop = use_backprop
+        self.__dict__["_built"] = None  # (what it was built from, the sequence): not a submodule
 
     @property
     def functions(self) -> list[nn.Module]:
         return [self._modules[str(i)] for i in range(self.n_functions)]  # type: ignore[misc]
 
-    def train(self, mode: bool = True) -> _Network:
-        super().train(mode)
-        self.sequence.train(mode)
-        return self
+    @property
+    def sequence(self) -> ReversibleSequence:
+        """The sequence that runs the functions as they are now."""
+        functions = self.functions
+        key = (
+            *functions,
+            self.gamma,
+            self.init_speed,
+            self.is_residual,
+            self.use_backprop,
+        )
+        built = self.__dict__["_built"]
+        if (
+            built is None
+            or len(built[0]) != len(key)
+            or any(a is not b for a, b in zip(built[0], key))
+        ):
+            built = self.__dict__["_built"] = (key, self._build(functions))
+        sequence: ReversibleSequence = built[1]
+        if sequence.training != self.training:
+            sequence.train(self.training)
+        return sequence
+
+    def _build(self, functions: list[nn.Module]) -> ReversibleSequence:
+        steps: list[nn.Module | Fn] = [_Step(f, self.is_residual) for f in functions]
+        if len(steps) % 2:
+            steps.append(Fn(_skip))
+        # the initial velocity, when not zero, is stacked under the position
+        codec = Rearrange("two ... -> two ...") if self.init_speed else ZeroVelocity()
+        return ReversibleSequence(
+            list(zip(steps[::2], steps[1::2])),
+            coupling=Momentum(_gamma(self.gamma)),
+            codec=codec,
+            route="both",
+            reversible=not self.use_backprop,
+        )
 
     def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
         if not self.n_functions:
             return x
+        sequence = self.sequence
         kwargs = {"args": args} if args else {}
         if self.init_speed:
             init = cast(nn.Module, self.init)
-            return self.sequence(torch.stack((x, init(x))), **kwargs)[0]
-        return self.sequence(x, **kwargs)
+            # an initial velocity that broadcasts against x (a learned (d,) vector) is
+            # taken as the package takes it
+            return sequence(torch.stack(torch.broadcast_tensors(x, init(x))), **kwargs)[0]
+        return sequence(x, **kwargs)
+
+
+def _gamma(gamma: object) -> float:
+    return momentum_term(
+        gamma,
+        "MomentumNet",
+        "the velocity is divided by gamma when a step is undone; gamma=0 is a plain ResNet",
+    )
 
 
 class _Step(nn.Module):

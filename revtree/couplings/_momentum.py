@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import optree
 import torch
 
@@ -24,7 +26,8 @@ class Momentum(Coupling):
     nothing.
 
     Args:
-        gamma: The momentum term, in ``(0, 1]``.
+        gamma: The momentum term, in ``(0, 1]``: a number, or a tensor of one element that
+            needs no gradient (a learned ``gamma`` would get none here).
 
     Examples:
         >>> import torch
@@ -40,12 +43,11 @@ class Momentum(Coupling):
     skips_none = True
 
     def __init__(self, gamma: float = 0.9) -> None:
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-            raise RevtreeError(
-                f"Momentum(gamma={gamma!r}): gamma must lie in (0, 1]. Hint: keep it near 1 "
-                "(e.g. 0.9): the inverse divides by gamma at every step."
-            )
-        self.gamma = float(gamma)
+        self.gamma = momentum_term(
+            gamma,
+            "Momentum",
+            "keep it near 1 (e.g. 0.9): the inverse divides by gamma at every step",
+        )
 
     def _step(self, h: Fn, x: Tree, v: Tree) -> tuple[Tree, Tree]:
         gamma, u = self.gamma, h(x)
@@ -70,3 +72,28 @@ class Momentum(Coupling):
 
     def __repr__(self) -> str:
         return f"Momentum(gamma={self.gamma})"
+
+
+def momentum_term(gamma: object, who: str, hint: str) -> float:
+    """``gamma`` as a float in ``(0, 1]``, or a ``RevtreeError`` from ``who(gamma=...)``.
+
+    Any real number is taken (``numpy.float32`` too), and a one-element tensor that needs no
+    gradient; one that needs a gradient is refused, since the coupling's arithmetic uses its
+    value and no gradient would reach it.
+    """
+    if isinstance(gamma, torch.Tensor):
+        if gamma.requires_grad:
+            raise RevtreeError(
+                f"{who}(gamma=<a tensor that requires grad>): gamma is a constant of the "
+                "coupling and would get no gradient. Hint: pass a number (gamma.item()); "
+                "a learned momentum term is not supported."
+            )
+        if gamma.numel() != 1:
+            raise RevtreeError(
+                f"{who}(gamma=<a tensor of shape {tuple(gamma.shape)}>): gamma is one number. "
+                "Hint: pass a float."
+            )
+        gamma = gamma.item()
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0 < float(gamma) <= 1:
+        raise RevtreeError(f"{who}(gamma={gamma!r}): gamma must lie in (0, 1]. Hint: {hint}.")
+    return float(gamma)
