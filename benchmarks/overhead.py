@@ -9,15 +9,21 @@ Workloads:
 
 tiny    MLP pairs ``LayerNorm -> Linear(8, 32) -> GELU -> Linear(32, 8)`` on one ``(1, 4, 16)``
         tensor split on the last axis; depth 32.
+small   MLP pairs ``LayerNorm -> Linear(32, 128) -> GELU -> Linear(128, 32)`` on one
+        ``(8, 64, 64)`` tensor (8 x 64 tokens, d 64) split on the last axis; depth 16. Here
+        the kernels cost something on a CPU: the step is not host work alone.
 leaves  8 leaves ``(1, 2, 4, 2l + 1)``, ``tanh(w * x)`` per leaf (the peers benchmark's
         workload c), as a flat dict of degrees and as a nested pytree; depth 16.
 
 Printed per system: microseconds per block per training step (forward + loss + backward),
 its excess over plain autograd, and that excess less one no-grad forward of plain (the
-recomputation every reversible engine and checkpointing do by design).
+recomputation every reversible engine and checkpointing do by design). ``--compile`` adds
+revtree's compiled engine (``compile=True``) and ``torch.compile`` of the plain stack, and
+the compiled engine's step against both.
 
 Usage:
-    python benchmarks/overhead.py              # ~1 minute
+    python benchmarks/overhead.py              # ~2 minutes
+    python benchmarks/overhead.py --compile    # ~5 minutes, most of it compiling
     python benchmarks/overhead.py --quick      # fewer rounds
 """
 
@@ -30,7 +36,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import optree
 import torch
@@ -106,9 +112,10 @@ def mean(a: Any, b: Any) -> Any:
 
 def systems(workload: str, depth: int, compile_: bool) -> tuple[dict[str, nn.Module], Any]:
     torch.manual_seed(0)
-    if workload == "tiny":
-        pairs = [(mlp(8), mlp(8)) for _ in range(depth)]
-        x: Any = torch.randn(1, 4, 16, requires_grad=True)
+    if workload in ("tiny", "small"):
+        d, shape = (8, (1, 4, 16)) if workload == "tiny" else (32, (8, 64, 64))
+        pairs = [(mlp(d), mlp(d)) for _ in range(depth)]
+        x: Any = torch.randn(*shape, requires_grad=True)
         enc, dec, codec = split, cat, None
     else:
         pairs = [(LeafScale(4, 8), LeafScale(4, 8)) for _ in range(depth)]
@@ -127,7 +134,9 @@ def systems(workload: str, depth: int, compile_: bool) -> tuple[dict[str, nn.Mod
         out["revtree compile"] = revtree.ReversibleSequence(
             copy.deepcopy(pairs), compile=True, **kw
         )
-    if workload == "tiny":
+        plain = Plain(copy.deepcopy(pairs), enc, dec, ckpt=False)
+        out["plain compile"] = cast(nn.Module, torch.compile(plain))
+    if workload in ("tiny", "small"):
         try:
             import revtorch
         except ImportError:
@@ -156,14 +165,16 @@ def run(workload: str, depth: int, repeats: int, compile_: bool) -> None:
     for name, model in models.items():
         tasks[name, "step"] = lambda m=model: step(m, x)
         tasks[name, "forward"] = lambda m=model: forward(m, x)
-    for name, model in models.items():  # warm-up; the compiled engine compiles at its 2nd step
-        step(model, x)
-        start = time.perf_counter()
-        step(model, x)
-        if name == "revtree compile":
-            print(
-                f"  compile=True: the step that compiles took {time.perf_counter() - start:.1f} s"
-            )
+    # warm-up: torch.compile compiles at the first step, the compiled engine at its second
+    for name, model in models.items():
+        took = []
+        for _ in range(2):
+            start = time.perf_counter()
+            step(model, x)
+            took.append(time.perf_counter() - start)
+        if name.endswith("compile"):
+            compiling = took[name == "revtree compile"]
+            print(f"  {name}: the step that compiles took {compiling:.1f} s")
     # what exists now is out of the garbage collector's sight: the gc.collect() before every
     # timed run then takes no time, and evicts nothing from the caches (as in peers.py)
     gc.collect()
@@ -187,6 +198,12 @@ def run(workload: str, depth: int, repeats: int, compile_: bool) -> None:
     if "RevTorch" in models:
         ours, theirs = us["revtree", "step"] - plain, us["RevTorch", "step"] - plain
         print(f"  revtree excess / RevTorch excess: {ours / theirs:.2f}")
+    if "revtree compile" in models:
+        compiled = us["revtree compile", "step"]
+        print(
+            f"  revtree compile=True step: {compiled / plain:.2f}x plain eager, "
+            f"{compiled / us['plain compile', 'step']:.2f}x torch.compile of plain"
+        )
 
 
 def main() -> None:
@@ -196,7 +213,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--compile", action="store_true", help="also the compiled engine")
     parser.add_argument(
-        "--workloads", nargs="+", default=["tiny", "leaves", "nested"], help="which to run"
+        "--workloads", nargs="+", default=["tiny", "small", "leaves", "nested"], help="which to run"
     )
     add_device_arguments(parser)
     args = parser.parse_args()
