@@ -112,7 +112,9 @@ class ReversibleFunction(torch.autograd.Function):
             raise RevtreeError(
                 "double backward (create_graph=True) through a reversible stack is not "
                 "supported: its backward recomputes the blocks and is not itself differentiable. "
-                "Hint: build the stack with reversible=False for higher-order gradients."
+                "Hint: for higher-order gradients run the stack on plain autograd: "
+                "reversible=False when you build it, or seq.reversible = False on one built "
+                "(an adapter's sequence too)."
             )
         tape: Tape = ctx.tape
         call = tape.call
@@ -139,10 +141,15 @@ class ReversibleFunction(torch.autograd.Function):
         warned = False
         with preserved(call.generators) if call.generators is not None else NOTHING:
             for step in reversed(tape.steps):
-                if step.unit:
-                    y1, y2, dy1, dy2 = _reverse_unit(step, back, y1, y2, dy1, dy2)
-                else:
-                    y1, y2, dy1, dy2 = strategy.reverse(step, back, y1, y2, dy1, dy2)
+                flipped = step.replay_modes()  # the training flags the forward ran with
+                try:
+                    if step.unit:
+                        y1, y2, dy1, dy2 = _reverse_unit(step, back, y1, y2, dy1, dy2)
+                    else:
+                        y1, y2, dy1, dy2 = strategy.reverse(step, back, y1, y2, dy1, dy2)
+                finally:
+                    for m in flipped:
+                        m.training = not m.training
                 if step.sample is not None and not warned:
                     assert call.check_drift is not None
                     rebuilt = [*y1, *y2]

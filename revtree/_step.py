@@ -40,7 +40,17 @@ Signature = list[Any]  # the shape of each leaf a call returned
 class Reads:
     """What one function (``f`` or ``g``) of a block read, call after call, in the forward pass."""
 
-    __slots__ = ("calls", "managed", "modules", "names", "outputs", "params", "sources")
+    __slots__ = (
+        "calls",
+        "managed",
+        "modes",
+        "modules",
+        "names",
+        "outputs",
+        "params",
+        "sources",
+        "walked",
+    )
 
     def __init__(
         self,
@@ -57,8 +67,10 @@ class Reads:
         # theirs to manage, not recorded here (see _fsdp)
         self.managed = managed
         stack: list[tuple[nn.Module, str, bool]] = [(module, "", managed)]
+        walked: list[nn.Module] = []  # every module, for its training flag
         while stack:
             m, prefix, unit = stack.pop()
+            walked.append(m)
             if not unit and is_unit(m):
                 unit = self.managed = True
             slots = m._parameters
@@ -85,6 +97,8 @@ class Reads:
         self.names = names
         self.sources = list(dict.fromkeys(used)) if used else used  # each once
         self.modules = modules
+        self.walked = walked
+        self.modes = [m.training for m in walked]  # as the forward ran (dropout, batch norm)
         self.calls: list[tuple[State | None, Snapshot | None]] = []
         self.outputs: list[Signature] = []  # the shapes each call returned
 
@@ -251,6 +265,23 @@ class Step:
             )
         self.sample: Leaves | None = None
         self.compiled = False  # whether its forward ran compiled (see _compiled)
+
+    def replay_modes(self) -> list[nn.Module]:
+        """Set each module's training flag as the forward found it; those it changed.
+
+        A module switched to ``eval()`` (or back) between forward and backward would
+        otherwise recompute another function (dropout off, batch statistics replaced by
+        running ones); plain autograd's graph keeps what the forward did. ``restore_modes``
+        flips them back.
+        """
+        changed: list[nn.Module] = []
+        if self.reads is not None:
+            for reads in self.reads:
+                for m, mode in zip(reads.walked, reads.modes):
+                    if m.training is not mode:
+                        m.training = mode
+                        changed.append(m)
+        return changed
 
     @property
     def managed(self) -> bool:

@@ -676,3 +676,35 @@ def test_dropout_in_some_blocks_only_draws_the_forwards_masks(mode):
     assert torch.equal(after_ours, torch.rand(3))  # the stream continues as plain's does
     for a, b in zip(ours, theirs):
         assert_trees_close(a, b)
+
+
+# ------------------------------------------------------------ training flags, as the forward ran
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eval_between_forward_and_backward_recomputes_what_the_forward_ran(mode):
+    """Dropout and batch norm in training mode forward, the model put in eval mode before
+    backward: plain autograd's graph keeps what the forward did, and so does the recompute."""
+    torch.manual_seed(8)
+
+    def block():
+        return nn.Sequential(nn.Linear(3, 3, dtype=D), nn.BatchNorm1d(3, dtype=D), nn.Dropout(0.4))
+
+    blocks = [(block(), mlp()) for _ in range(3)]
+    ref = copy.deepcopy(blocks)
+    x, w = x_(6, 6), x_(6, 6, seed=1)
+    seq = revtree.ReversibleSequence(blocks)
+    torch.manual_seed(12)
+    loss = (seq(x) * w).sum()
+    seq.eval()
+    ours = grads(loss, [x, *params(blocks)], mode)
+    torch.manual_seed(12)
+    ref_loss = (plain(ref, x) * w).sum()
+    for f, g in ref:
+        f.eval(), g.eval()
+    theirs = grads(ref_loss, [x, *params(ref)], mode)
+    for a, b in zip(ours, theirs):
+        assert_trees_close(a, b)
+    assert not any(m.training for m in seq.modules())  # left as the caller set them
+    for a, b in zip(buffers(blocks), buffers(ref)):
+        assert torch.equal(a, b)
