@@ -33,7 +33,7 @@ from torch.func import functional_call, vjp
 from ._autocast import AutocastState
 from ._buffers import Policy
 from ._errors import RevtreeWarning
-from ._step import Backward, Step
+from ._step import Backward, Step, restore_modes, set_modes
 from ._strategies import ElementwiseStrategy, Grads, Leaves
 from .couplings import Elementwise
 
@@ -111,14 +111,16 @@ class CompiledStrategy(ElementwiseStrategy):
         assert step.reads is not None
         pf, pg = (_params(r) for r in step.reads)
         kt, kother = _keywords(call)
+        modes = [[m.training for m in reads.walked] for reads in step.reads]
         try:
             forward, _ = self._functions_for(step)
             y1, y2 = forward(block.f, block.g, pf, pg, x1, x2, kt, kother)
         except Exception as e:  # dynamo could not trace it whole: eager from now on
             self._judge(step, self._key(step, x1), _untraceable(e))
             return None
-        for reads in step.reads:  # nothing to replay: the block draws nothing, buffers stay
-            reads.calls.append((None, None))
+        # nothing else to replay: the block draws nothing and its buffers stay
+        for reads, found in zip(step.reads, modes):
+            reads.calls.append((None, None, found))
         step.compiled = True
         return y1, y2
 
@@ -127,11 +129,18 @@ class CompiledStrategy(ElementwiseStrategy):
     def reverse(  # noqa: D102
         self, step: Step, back: Backward, y1: Leaves, y2: Leaves, dy1: Grads, dy2: Grads
     ) -> tuple[Leaves, Leaves, Grads, Grads]:
-        key = self._key(step, y1)
-        if step.compiled:
-            out = self._run_reverse(step, back, y1, y2, dy1, dy2, key)
-            if out is not None:
-                return out
+        # the training flags the forward found, for the key and the compiled reverse (the
+        # eager one sets each call's own); none where f and g found a module in two modes
+        modules, modes = _forward_modes(step)
+        flipped = set_modes(modules, modes)
+        try:
+            key = self._key(step, y1)
+            if step.compiled and len(modes) == len(modules):
+                out = self._run_reverse(step, back, y1, y2, dy1, dy2, key)
+                if out is not None:
+                    return out
+        finally:
+            restore_modes(flipped)
         x1, x2, dx1, dx2 = super().reverse(step, back, y1, y2, dy1, dy2)
         if self.verdicts.get(key, "") is None and not back.accumulate:
             # the compiled gradient cannot say None: trusted only where every one flowed
@@ -191,8 +200,7 @@ class CompiledStrategy(ElementwiseStrategy):
         if per_call is not None and per_call.functions is not None:
             return per_call.functions
         context = call.context
-        key = (
-            self.elementwise,
+        rest = (
             self.additive,
             call.layout.spec,
             call.update_spec,
@@ -204,17 +212,29 @@ class CompiledStrategy(ElementwiseStrategy):
             call.autocast,
             call.namespace,
         )
-        functions = _FUNCTIONS.get(key)
+        lookup = (_value(self.elementwise), *rest)
+        functions = _FUNCTIONS.get(lookup)
         if functions is None:
-            functions = _FUNCTIONS[key] = _build(key)
+            functions = _FUNCTIONS[lookup] = _build((self.elementwise, *rest))
         if per_call is not None:
             per_call.functions = functions
         return functions
 
 
 # the compiled functions of every sequence, by coupling, layout and keyword structure: two
-# sequences of one layout (or one rebuilt) share them, and their graphs
+# sequences of one layout (or one rebuilt, copied or loaded) share them, and their graphs
 _FUNCTIONS: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+
+def _value(coupling: Elementwise) -> Any:
+    """A coupling as a key: its type and settings, else the object itself.
+
+    Settings that are plain values make ``Affine(2.0)`` and a copy of it one key.
+    """
+    settings = vars(coupling)
+    if all(isinstance(v, (bool, int, float, str, type(None))) for v in settings.values()):
+        return type(coupling), tuple(sorted(settings.items()))
+    return coupling
 
 
 class _PerCall:
@@ -275,6 +295,24 @@ def _handles(
         else:
             fixed[name] = t
     return wanted, fixed
+
+
+def _forward_modes(step: Step) -> tuple[list[Any], list[bool]]:
+    """The modules of ``f`` and ``g`` and the training flags their first calls found.
+
+    The flags come back shorter than the modules where one module was found in two modes
+    (``f`` switched it for ``g``): no single setting replays both calls then.
+    """
+    assert step.reads is not None
+    found: dict[int, tuple[Any, bool]] = {}
+    for reads in step.reads:
+        if not reads.calls:
+            continue
+        for m, mode in zip(reads.walked, reads.calls[0][2]):
+            seen = found.setdefault(id(m), (m, mode))
+            if seen[1] is not mode:
+                return [m for m, _ in found.values()], []
+    return [m for m, _ in found.values()], [mode for _, mode in found.values()]
 
 
 def _keywords(call: Any, back: Backward | None = None) -> tuple[Leaves, list[Any]]:

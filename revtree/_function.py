@@ -141,15 +141,10 @@ class ReversibleFunction(torch.autograd.Function):
         warned = False
         with preserved(call.generators) if call.generators is not None else NOTHING:
             for step in reversed(tape.steps):
-                flipped = step.replay_modes()  # the training flags the forward ran with
-                try:
-                    if step.unit:
-                        y1, y2, dy1, dy2 = _reverse_unit(step, back, y1, y2, dy1, dy2)
-                    else:
-                        y1, y2, dy1, dy2 = strategy.reverse(step, back, y1, y2, dy1, dy2)
-                finally:
-                    for m in flipped:
-                        m.training = not m.training
+                if step.unit:
+                    y1, y2, dy1, dy2 = _reverse_unit(step, back, y1, y2, dy1, dy2)
+                else:
+                    y1, y2, dy1, dy2 = strategy.reverse(step, back, y1, y2, dy1, dy2)
                 if step.sample is not None and not warned:
                     assert call.check_drift is not None
                     rebuilt = [*y1, *y2]

@@ -35,6 +35,7 @@ WHO = ("f", "g")
 # among the sources whose gradients the Function returns, or -1 if it needs none)
 Param = tuple[dict[str, Any], str, torch.Tensor, int]
 Signature = list[Any]  # the shape of each leaf a call returned
+Modes = list[bool]  # the training flag of each module a function holds, as a call found it
 
 
 class Reads:
@@ -43,7 +44,6 @@ class Reads:
     __slots__ = (
         "calls",
         "managed",
-        "modes",
         "modules",
         "names",
         "outputs",
@@ -98,9 +98,31 @@ class Reads:
         self.sources = list(dict.fromkeys(used)) if used else used  # each once
         self.modules = modules
         self.walked = walked
-        self.modes = [m.training for m in walked]  # as the forward ran (dropout, batch norm)
-        self.calls: list[tuple[State | None, Snapshot | None]] = []
+        # per call: the random state, the buffers and the modules' training flags it read
+        self.calls: list[tuple[State | None, Snapshot | None, Modes]] = []
         self.outputs: list[Signature] = []  # the shapes each call returned
+
+
+def set_modes(modules: Sequence[nn.Module], modes: Modes) -> list[tuple[nn.Module, bool]]:
+    """Set each module's training flag to ``modes``; the ``(module, flag)`` pairs it changed.
+
+    A module switched to ``eval()`` (or back) between forward and backward would otherwise
+    recompute another function (dropout off, batch statistics replaced by running ones);
+    plain autograd's graph keeps what the forward did. ``restore_modes`` puts the flags
+    back as they were.
+    """
+    changed = []
+    for m, mode in zip(modules, modes):
+        if m.training is not mode:
+            changed.append((m, m.training))
+            m.training = mode
+    return changed
+
+
+def restore_modes(changed: list[tuple[nn.Module, bool]]) -> None:
+    """Undo ``set_modes``: each flag as it was before (last changed first)."""
+    for m, mode in reversed(changed):
+        m.training = mode
 
 
 class Backward:
@@ -266,23 +288,6 @@ class Step:
         self.sample: Leaves | None = None
         self.compiled = False  # whether its forward ran compiled (see _compiled)
 
-    def replay_modes(self) -> list[nn.Module]:
-        """Set each module's training flag as the forward found it; those it changed.
-
-        A module switched to ``eval()`` (or back) between forward and backward would
-        otherwise recompute another function (dropout off, batch statistics replaced by
-        running ones); plain autograd's graph keeps what the forward did. ``restore_modes``
-        flips them back.
-        """
-        changed: list[nn.Module] = []
-        if self.reads is not None:
-            for reads in self.reads:
-                for m, mode in zip(reads.walked, reads.modes):
-                    if m.training is not mode:
-                        m.training = mode
-                        changed.append(m)
-        return changed
-
     @property
     def managed(self) -> bool:
         """Whether FSDP manages parameters of the block (they get their gradients from it)."""
@@ -305,6 +310,7 @@ class Step:
             if call.generators is not None:
                 state = call.rng_state = call.generators.capture_since(call.rng_state)
             snapshot = Snapshot.take(reads.modules, call.policy) if reads.modules else None
+            modes = [m.training for m in reads.walked]
         previous = _state.enter(index, False)
         try:
             out = module(tree, **call.kwargs[which])
@@ -320,20 +326,20 @@ class Step:
                 surprise = snapshot.settle(call.policy)
                 if surprise is not None:
                     _checks.buffer_modified(index, WHO[which], surprise)
-            reads.calls.append((state, snapshot))
+            reads.calls.append((state, snapshot, modes))
         return out
 
     def recompute(self, which: int, tree: Any, leaves: Leaves, k: int, back: Backward) -> Any:
         """Call ``f`` or ``g`` again as its ``k``-th forward call ran, with autograd on.
 
-        The generators, buffers and parameter tensors of that call are put in place, as
-        detached aliases (``back.aliases``) where a gradient is wanted; the live ones are
-        put back afterwards.
+        The generators, buffers, training flags and parameter tensors of that call are put
+        in place, the parameters as detached aliases (``back.aliases``) where a gradient is
+        wanted; the live ones are put back afterwards.
         """
         assert self.reads is not None
         call, index = self.call, self.index
         reads = self.reads[which]
-        state, snapshot = reads.calls[k]
+        state, snapshot, modes = reads.calls[k]
         module = self.block.g if which else self.block.f
         keywords = back.keywords[which]
         kw_before = _checks.versions(keywords) if keywords else None
@@ -348,6 +354,7 @@ class Step:
         if state is not None:
             call.generators.set(state)  # type: ignore[union-attr]
         buffers = snapshot.swapped() if snapshot is not None else NOTHING
+        flipped = set_modes(reads.walked, modes)  # the training flags the call found
         previous = _state.enter(index, True)
         grad_mode = torch.is_grad_enabled()
         torch._C._set_grad_enabled(True)
@@ -362,6 +369,7 @@ class Step:
             _state.leave(previous)
             for slots, name, live in swapped:
                 slots[name] = live
+            restore_modes(flipped)
         if kw_before is not None:
             k_ = _checks.modified(keywords, kw_before)
             if k_ is not None:

@@ -105,6 +105,33 @@ def test_compiled_float32_and_affine_coupling():
     assert _compiled_blocks(seq) == {0, 1, 2}
 
 
+class ScaleShift(nn.Module):
+    """For the affine coupling: a (log-scale, shift) pair (module level: it pickles)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.shift = nn.Linear(4, 4, dtype=D), nn.Linear(4, 4, dtype=D)
+
+    def forward(self, x):
+        return torch.tanh(self.scale(x)), self.shift(x)
+
+
+def test_a_copied_or_loaded_sequence_compiles_nothing_again(tmp_path):
+    """An EMA copy, a checkpoint loaded: equal couplings share the compiled graphs."""
+    torch.manual_seed(3)
+    blocks = [(ScaleShift(), ScaleShift()) for _ in range(2)]
+    seq = revtree.ReversibleSequence(blocks, coupling=Affine(bound=1.5), compile=True)
+    x = torch.randn(3, 8, dtype=D, requires_grad=True)
+    for _ in range(3):
+        seq(x).sum().backward()
+    graphs = _graphs()
+    torch.save(seq, tmp_path / "seq.pt")
+    for other in (copy.deepcopy(seq), torch.load(tmp_path / "seq.pt", weights_only=False)):
+        for _ in range(3):
+            other(x).sum().backward()
+    assert _graphs() == graphs
+
+
 def test_blocks_the_compiled_engine_cannot_take_run_eagerly_and_say_why():
     torch.manual_seed(2)
 

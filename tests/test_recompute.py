@@ -708,3 +708,42 @@ def test_eval_between_forward_and_backward_recomputes_what_the_forward_ran(mode)
     assert not any(m.training for m in seq.modules())  # left as the caller set them
     for a, b in zip(buffers(blocks), buffers(ref)):
         assert torch.equal(a, b)
+
+
+def test_a_function_that_sets_a_training_flag_itself_recomputes_as_it_ran():
+    """f puts a shared, frozen sub-network in eval() inside its forward, g runs it after:
+    each call recomputes with the flags it found, and the flags end as plain autograd
+    leaves them (the recompute neither replays a stale flag nor flips one back)."""
+    torch.manual_seed(9)
+
+    class F(nn.Module):
+        def __init__(self, frozen):
+            super().__init__()
+            self.frozen, self.lin = frozen, nn.Linear(3, 3, dtype=D)
+
+        def forward(self, h):
+            self.frozen.eval()  # pretrained statistics, whatever the caller's mode
+            return self.lin(self.frozen(h)).tanh()
+
+    class G(F):
+        def forward(self, h):
+            return self.lin(self.frozen(h)).tanh()
+
+    frozen = nn.Sequential(nn.Linear(3, 3, dtype=D), nn.BatchNorm1d(3, dtype=D))
+    with torch.no_grad():
+        frozen[1].running_mean.copy_(torch.randn(3, dtype=D))
+    blocks = [(F(frozen), G(frozen)) for _ in range(2)]
+    ref = copy.deepcopy(blocks)
+    seq = revtree.ReversibleSequence(blocks)
+    x, w = x_(8, 6), x_(8, 6, seed=1)
+    for _ in range(2):
+        seq.train()
+        for f, g in ref:
+            f.train(), g.train()
+        ours = grads((seq(x) * w).sum(), [x, *params(blocks)], "backward")
+        theirs = grads((plain(ref, x) * w).sum(), [x, *params(ref)], "backward")
+        for a, b in zip(ours, theirs):
+            assert_trees_close(a, b)
+        for a, b in zip(buffers(blocks), buffers(ref)):
+            assert torch.equal(a, b)
+        assert frozen.training is ref[0][0].frozen.training is False
