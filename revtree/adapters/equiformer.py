@@ -40,6 +40,7 @@ from torch import nn
 from .. import _sequence
 from ..codecs import Degree
 from ._named import Named
+from ._patching import swapped
 from ._versions import require
 
 Features = dict[int, torch.Tensor]
@@ -97,9 +98,7 @@ def patch() -> Iterator[None]:
     require("equiformer-pytorch", "0.5.4", "equiformer")
     import equiformer_pytorch.equiformer_pytorch as package
 
-    saved = package.ReversibleSequence, package.SequentialSequence
-    package.ReversibleSequence, package.SequentialSequence = ReversibleSequence, SequentialSequence
-    try:
+    with swapped(
+        [package], ReversibleSequence=ReversibleSequence, SequentialSequence=SequentialSequence
+    ):
         yield
-    finally:
-        package.ReversibleSequence, package.SequentialSequence = saved

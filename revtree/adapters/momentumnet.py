@@ -43,6 +43,7 @@ from .._sequence import ReversibleSequence
 from ..codecs import Rearrange, ZeroVelocity
 from ..couplings import Momentum
 from ..couplings._momentum import momentum_term
+from ._patching import swapped
 from ._versions import require
 
 TESTED = "0.10"
@@ -312,11 +313,5 @@ def patch() -> Iterator[None]:
         momentumnet.resnet_to_momentumnet,
         momentumnet.models,
     ]
-    saved = [m.MomentumNet for m in modules]
-    for m in modules:
-        m.MomentumNet = MomentumNet
-    try:
+    with swapped(modules, MomentumNet=MomentumNet):
         yield
-    finally:
-        for m, original in zip(modules, saved):
-            m.MomentumNet = original

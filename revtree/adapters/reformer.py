@@ -45,6 +45,7 @@ from .._block import Block
 from .._state import is_recomputing
 from ..codecs import Split
 from ._named import Named
+from ._patching import swapped
 from ._versions import require
 
 
@@ -124,9 +125,5 @@ def patch() -> Iterator[None]:
     require("reformer-pytorch", "1.4.4", "reformer")
     import reformer_pytorch.reformer_pytorch as package
 
-    saved = package.ReversibleSequence
-    package.ReversibleSequence = ReversibleSequence
-    try:
+    with swapped([package], ReversibleSequence=ReversibleSequence):
         yield
-    finally:
-        package.ReversibleSequence = saved

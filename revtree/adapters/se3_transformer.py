@@ -48,6 +48,7 @@ from .. import _sequence
 from .._errors import RevtreeError
 from ..codecs import Degree, KeyPath
 from ._named import Named
+from ._patching import swapped
 from ._versions import require
 
 Features = dict[str, torch.Tensor]
@@ -117,9 +118,7 @@ def patch() -> Iterator[None]:
     require("se3-transformer-pytorch", "0.9.0", "se3_transformer")
     import se3_transformer_pytorch.se3_transformer_pytorch as package
 
-    saved = package.ReversibleSequence, package.SequentialSequence
-    package.ReversibleSequence, package.SequentialSequence = ReversibleSequence, SequentialSequence
-    try:
+    with swapped(
+        [package], ReversibleSequence=ReversibleSequence, SequentialSequence=SequentialSequence
+    ):
         yield
-    finally:
-        package.ReversibleSequence, package.SequentialSequence = saved
