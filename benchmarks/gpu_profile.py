@@ -12,12 +12,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
-from gpu import build, step, sync, transformer_pairs
+from gpu import build, step, sync, times, transformer_pairs
 from torch.profiler import ProfilerActivity, profile
 
 import revtree
@@ -41,24 +39,16 @@ def main() -> None:
     for m in models.values():
         step(m, x)
         step(m, x)
-    walls: dict[str, list[float]] = {n: [] for n in models}
-    for _ in range(args.rounds):  # interleaved, synchronised
-        for name, m in models.items():
-            sync()
-            t0 = time.perf_counter()
-            step(m, x)
-            sync()
-            walls[name].append(time.perf_counter() - t0)
-    plain = statistics.median(walls["plain"])
+    walls = times(models, x, args.rounds)  # ms, interleaved, synchronised
     for name, m in models.items():
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step(m, x)
             sync()
         kernel = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3  # ms
-        wall = statistics.median(walls[name]) * 1e3
+        wall = walls[name]
         print(
             f"{name:18s} {wall:>9.2f} {kernel:>10.2f} {100 * (1 - kernel / wall):>7.1f}"
-            f" {wall / plain / 1e3:>11.2f}"
+            f" {wall / walls['plain']:>11.2f}"
         )
 
 
