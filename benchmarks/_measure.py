@@ -171,54 +171,13 @@ def tensors_of(*things: Any) -> list[torch.Tensor]:
 def held_after_forward(
     forward: Callable[[], T], exempt: Iterable[torch.Tensor] = ()
 ) -> tuple[int, T]:
-    """The bytes of the tensors that ``out = forward()`` leaves alive, and ``out``.
+    """The bytes ``out = forward()`` leaves alive, and ``out``: ``revtree._saved``'s count.
 
-    Every tensor storage that is new after the forward and alive, each once: what autograd
-    saved for backward (saved-tensor hooks hand each saved tensor over, ``save_for_backward``
-    too, and keep it where the count finds it), what custom autograd Functions keep on
-    their ctx (RevTorch, MemCNN, reformer-pytorch and equiformer-pytorch keep their output
-    so, out of the hooks' sight), in closures or on modules (the inputs that
-    ``torch.utils.checkpoint`` keeps, RNG states for the replay), and the output. A walk
-    of the graph's ctx attributes alone misses the closures: it counts nothing of a
-    checkpointed block's dict inputs. Storages of ``exempt`` tensors, and all that existed
-    before the forward (parameters, buffers, inputs), are not counted.
-
-    Args:
-        forward: Runs the forward pass with autograd on.
-        exempt: Tensors whose storage is not to be counted.
-
-    Returns:
-        ``(bytes, out)``.
+    Imported here, not at the top: the scripts also time revtree versions without it.
     """
-    exempt = list(exempt)
-    gc.collect()
-    before = _live_tensors()  # held: no storage of theirs is freed and its address reused
-    from revtree._saved import Counter  # here: the scripts also time revtree versions without it
+    from revtree._saved import held_after_forward as count
 
-    counter = Counter(exempt)  # holds every saved tensor, which autograd alone keeps in C++
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, _same):
-        out = forward()
-    gc.collect()
-    skip = before.keys() | {t.untyped_storage().data_ptr() for t in exempt}
-    after = _live_tensors()
-    held = sum(t.untyped_storage().nbytes() for key, t in after.items() if key not in skip)
-    return held, out
-
-
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _live_tensors() -> dict[int, torch.Tensor]:
-    """The tensors Python can reach, one per storage, by the storage's address."""
-    found: dict[int, torch.Tensor] = {}
-    for t in gc.get_objects():
-        if issubclass(type(t), torch.Tensor) and t.layout == torch.strided and not t.is_meta:
-            try:
-                found[t.untyped_storage().data_ptr()] = t
-            except (RuntimeError, NotImplementedError):  # fake and functorch-wrapped tensors
-                pass
-    return found
+    return count(forward, exempt)
 
 
 def step_memory(

@@ -1,12 +1,15 @@
-"""What autograd keeps between a forward and its backward, counted with saved-tensor hooks."""
+"""What a forward keeps for its backward: saved tensors (hooks), and all it leaves alive."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 
 class Counter:
@@ -70,3 +73,57 @@ def saved_bytes(
 
 def _same(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def held_after_forward(
+    forward: Callable[[], T], exempt: Iterable[torch.Tensor] = ()
+) -> tuple[int, T]:
+    """The bytes of the tensors that ``out = forward()`` leaves alive, and ``out``.
+
+    Every tensor storage that is new after the forward and alive, each once: what autograd
+    saved for backward (saved-tensor hooks hand each saved tensor over, ``save_for_backward``
+    too, and keep it where the count finds it), what custom autograd Functions keep on
+    their ctx (RevTorch, MemCNN, reformer-pytorch and equiformer-pytorch keep their output
+    so, out of the hooks' sight), in closures or on modules (the inputs that
+    ``torch.utils.checkpoint`` keeps, RNG states for the replay), and the output. A walk
+    of the graph's ctx attributes alone misses the closures: it counts nothing of a
+    checkpointed block's dict inputs. Storages of ``exempt`` tensors, and all that existed
+    before the forward (parameters, buffers, inputs), are not counted.
+
+    Args:
+        forward: Runs the forward pass with autograd on.
+        exempt: Tensors whose storage is not to be counted.
+
+    Returns:
+        ``(bytes, out)``.
+    """
+    exempt = list(exempt)
+    gc.collect()
+    before = _live_tensors()  # held: no storage of theirs is freed and its address reused
+    counter = Counter(exempt)  # holds every saved tensor, which autograd alone keeps in C++
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, _same):
+        out = forward()
+    gc.collect()
+    skip = before.keys() | {t.untyped_storage().data_ptr() for t in exempt}
+    after = _live_tensors()
+    held = sum(t.untyped_storage().nbytes() for key, t in after.items() if key not in skip)
+    return held, out
+
+
+def _live_tensors() -> dict[int, torch.Tensor]:
+    """The tensors Python can reach, one per storage, by the storage's address.
+
+    Plain tensors and parameters only: subclasses (the fake tensors compilation leaves
+    behind) hold no storage of their own to count.
+    """
+    found: dict[int, torch.Tensor] = {}
+    for t in gc.get_objects():
+        if type(t) in _PLAIN and t.layout == torch.strided and not t.is_meta:
+            try:
+                found[t.untyped_storage().data_ptr()] = t
+            except (RuntimeError, NotImplementedError):  # fake and functorch-wrapped tensors
+                pass
+    return found
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)

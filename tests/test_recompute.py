@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import revtree
+from revtree._saved import held_after_forward
 from revtree.codecs import Duplicate
 from revtree.couplings import Coupling, Momentum
 
@@ -616,41 +617,19 @@ def test_buffers_and_hooks_with_a_duplicate_codec_and_keyword_tensors():
 # ------------------------------------------------------------ random state, held once
 
 
-def _held_storages(forward):
-    """The bytes of every tensor storage Python reaches that ``forward()`` made and left alive."""
-    import gc
-
-    def live():
-        gc.collect()
-        found = {}
-        for o in gc.get_objects():
-            if type(o) in (torch.Tensor, nn.Parameter) and o.layout == torch.strided:
-                try:
-                    found[o.untyped_storage().data_ptr()] = o
-                except (RuntimeError, NotImplementedError):  # fakes and wrappers left by others
-                    pass
-        return found
-
-    before = live()
-    out = forward()
-    after = live()
-    held = sum(t.untyped_storage().nbytes() for k, t in after.items() if k not in before)
-    return held, out
-
-
 def test_blocks_that_draw_nothing_hold_one_random_state_whatever_the_depth():
     """Random states are kept per call of f and g only where they differ (dropout)."""
     x = x_(4, 6)
     held = {}
     for depth in (2, 8):
         seq = revtree.ReversibleSequence([(mlp(), mlp()) for _ in range(depth)])
-        held[depth], out = _held_storages(lambda seq=seq: seq(x))
+        held[depth], out = held_after_forward(lambda seq=seq: seq(x))
         del out
     assert held[2] == held[8]
     drop = revtree.ReversibleSequence(
         [(nn.Sequential(mlp(), nn.Dropout(0.5)), mlp()) for _ in range(8)]
     )
-    with_dropout, out = _held_storages(lambda: drop(x))
+    with_dropout, out = held_after_forward(lambda: drop(x))
     assert with_dropout >= held[8] + 7 * torch.default_generator.get_state().nbytes
 
 
