@@ -294,3 +294,63 @@ def spawn(worker: Any, *args: Any, nprocs: int = 2) -> None:
         except mp.ProcessExitedException as e:
             if attempt == 2 or e.signal_name is None:
                 raise
+
+
+def graph_training_losses(model: nn.Module, type0: Any, steps: int, lr: float) -> list[float]:
+    """The losses of ``steps`` Adam steps of a graph model regressing fixed type-0 targets.
+
+    Two graphs of 8 nodes (tokens from a vocabulary of 10, float64 coordinates, no padding),
+    the same for every call; ``type0(model, feats, coords, mask)`` gives the model's
+    ``(2, 8)`` type-0 output (each package returns it its own way).
+    """
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randint(0, 10, (2, 8), generator=g)
+    coords = torch.randn(2, 8, 3, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    target = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = (type0(model, feats, coords, mask) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+class _Wrapped(nn.Module):
+    """Holds a block function as ``.net``, so parameter names are the package's."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+class _PlainBlock(nn.Module):
+    def __init__(self, f: nn.Module, g: nn.Module) -> None:
+        super().__init__()
+        self.f, self.g = _Wrapped(f), _Wrapped(g)
+
+
+class PlainCoupling(nn.Module):
+    """A reference trunk for equiformer-pytorch and se3-transformer-pytorch: their reversible
+    coupling over a dict of degrees written out with plain autograd.
+
+    Both streams start as the input; per block and degree ``y1 = x1 + f(x2, **kwargs)``,
+    ``y2 = x2 + g(y1)``; the output is ``(y1 + y2) / 2``. Neither revtree nor the package's
+    ``reversible.py`` is involved; the parameters are named ``blocks.{i}.f.net.*`` as there.
+    """
+
+    def __init__(self, blocks: list[tuple[nn.Module, nn.Module]]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_PlainBlock(f, g) for f, g in blocks)
+
+    def forward(self, x: dict, **kwargs: Any) -> dict:
+        x1, x2 = x, x
+        for block in self.blocks:
+            fx = block.f.net(x2, **kwargs)
+            x1 = {d: x1[d] + fx[d] for d in x}
+            gx = block.g.net(x1)
+            x2 = {d: x2[d] + gx[d] for d in x}
+        return {d: (x1[d] + x2[d]) / 2 for d in x}

@@ -12,6 +12,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import PlainCoupling, graph_training_losses
 from torch import nn
 
 import revtree
@@ -192,42 +193,6 @@ def test_outputs_and_gradients_equal_the_package_under_backward(name):
         assert got["adj_emb.weight"].abs().sum() > 0
     reached = sum(int(g is not None and g.abs().sum() > 0) for g in grads_o)
     assert reached > 0.85 * len(names), f"only {reached} of {len(names)} gradients are nonzero"
-
-
-class _Wrapped(nn.Module):
-    """Holds a block function as ``.net``, so parameter names are the package's."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-
-class _PlainBlock(nn.Module):
-    def __init__(self, f: nn.Module, g: nn.Module) -> None:
-        super().__init__()
-        self.f, self.g = _Wrapped(f), _Wrapped(g)
-
-
-class PlainCoupling(nn.Module):
-    """The reference trunk: the package's reversible coupling written out with plain autograd.
-
-    Both streams start as the input; per block and degree ``y1 = x1 + f(x2, **kwargs)``,
-    ``y2 = x2 + g(y1)``; the output is ``(y1 + y2) / 2``. Neither revtree nor the package's
-    ``reversible.py`` is involved; the parameters are named ``blocks.{i}.f.net.*`` as there.
-    """
-
-    def __init__(self, blocks) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(_PlainBlock(f, g) for f, g in blocks)
-
-    def forward(self, x: dict, **kwargs) -> dict:
-        x1, x2 = x, x
-        for block in self.blocks:
-            fx = block.f.net(x2, **kwargs)
-            x1 = {d: x1[d] + fx[d] for d in x}
-            gx = block.g.net(x1)
-            x2 = {d: x2[d] + gx[d] for d in x}
-        return {d: (x1[d] + x2[d]) / 2 for d in x}
 
 
 def _reference_model(package: nn.Module, config: dict, depth: int = 2) -> nn.Module:
@@ -422,21 +387,13 @@ def test_eval_mode_gradients_equal_plain_autograd():
         loss.backward()
 
 
-def _train(model: nn.Module, steps: int = 20) -> list[float]:
-    g = torch.Generator().manual_seed(4)
-    feats = torch.randint(0, 10, (2, 8), generator=g)
-    coords = torch.randn(2, 8, 3, generator=g, dtype=torch.float64)
-    mask = torch.ones(2, 8, dtype=torch.bool)
-    target = torch.randn(2, 8, generator=g, dtype=torch.float64)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        loss = (model(feats, coords, mask, return_type=0) - target).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+def _train(model: nn.Module) -> list[float]:
+    return graph_training_losses(
+        model,
+        lambda m, feats, coords, mask: m(feats, coords, mask, return_type=0),
+        steps=20,
+        lr=3e-3,
+    )
 
 
 def test_training_loop_loss_goes_down():
