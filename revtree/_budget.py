@@ -15,17 +15,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import chain, groupby
+from itertools import groupby
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import _buffers, _rng
-from ._block import Block
-from ._call import Call
+from ._engine import _pass
+from ._engine._run import Call
+from ._replay import _buffers, _rng
 from ._saved import Counter
-from ._step import Step
 
 
 @dataclass(frozen=True)
@@ -132,9 +131,8 @@ def choose(
 
 def measure(
     call: Call,
-    blocks: Sequence[tuple[int, Block]],
-    x1: list[torch.Tensor],
-    x2: list[torch.Tensor],
+    planned: Sequence[Any],
+    state: list[list[torch.Tensor]],
     held: Iterable[torch.Tensor],
     owner: nn.Module,
 ) -> tuple[list[int], list[float]]:
@@ -147,24 +145,23 @@ def measure(
     held = list(held)
     sizes: list[int] = []
     seconds: list[float] = []
-    forward = call.strategy.forward
-    x1 = [t.detach().requires_grad_() for t in x1]
-    x2 = [t.detach().requires_grad_() for t in x2]
-    generators = _rng.generators_for(chain(x1, x2))
+    state = [[t.detach().requires_grad_() for t in part] for part in state]
+    generators = _rng.generators_for(t for part in state for t in part)
     with _rng.preserved(generators), _buffers.kept(owner), torch.enable_grad():
-        for index, block in blocks:
+        for planned_block in planned:
             counter = Counter(held)
+            before = [list(part) for part in state]
             with torch.autograd.graph.saved_tensors_hooks(counter.pack, _unpack):
-                y1, y2 = forward(Step(call, index, block), x1, x2)
+                _pass.forward_plain(call, [planned_block], state)
             sizes.append(counter.size)
             del counter
             # timed again, warm: the first run pays for lazy initialisation and allocation
+            again = [list(part) for part in before]
             with torch.autograd.graph.saved_tensors_hooks(_drop, _unpack):
                 start = time.perf_counter()
-                forward(Step(call, index, block), x1, x2)
+                _pass.forward_plain(call, [planned_block], again)
                 seconds.append(time.perf_counter() - start)
-            x1 = [t.detach().requires_grad_() for t in y1]
-            x2 = [t.detach().requires_grad_() for t in y2]
+            state = [[t.detach().requires_grad_() for t in part] for part in state]
     return sizes, seconds
 
 

@@ -15,6 +15,7 @@ from optree import PyTreeSpec
 
 from . import _trees
 from ._errors import RevtreeError
+from ._torch import versions
 
 Leaves = list[torch.Tensor]
 
@@ -32,19 +33,12 @@ def fail(index: int, who: str, message: str) -> NoReturn:
 # ------------------------------------------------------------------------- in place
 
 
-def versions(tensors: Sequence[torch.Tensor]) -> list[int]:
-    """The version counters of ``tensors`` (-1 for an inference tensor, which has none)."""
-    try:
-        return [t._version for t in tensors]
-    except RuntimeError:
-        return [-1 if t.is_inference() else t._version for t in tensors]
-
-
 def modified(tensors: Sequence[torch.Tensor], before: list[int]) -> int | None:
     """The position of the first tensor modified in place since ``before``, if any."""
-    if versions(tensors) == before:
+    now = versions(tensors)
+    if now == before:
         return None
-    return next(k for k, (t, v) in enumerate(zip(tensors, before)) if v >= 0 and t._version != v)
+    return next((k for k, (v, w) in enumerate(zip(now, before)) if w >= 0 and v != w), None)
 
 
 def input_modified(index: int, which: str, name: str, leaf: torch.Tensor) -> NoReturn:
@@ -283,42 +277,52 @@ def coupling_raised(index: int, coupling: Any, method: str, error: Exception) ->
 # --------------------------------------------------------------- what f reads beyond
 
 
-def foreign(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> str | None:
-    """A leaf tensor the recomputed ``outputs`` depend on beyond ``inputs``, if any.
-
-    Walks the graph a recomputation just built down to its leaves. A leaf that is none of
-    ``inputs`` (or a leaf upstream of a tensor computed before the block) is a tensor that
-    ``f`` or ``g`` reached some other way (a closure, a global, a module attribute that is
-    no parameter), and that the recomputation cannot give a gradient.
-    """
-    known = {id(t) for t in inputs}
-    # an input computed inside the recomputation (a generic coupling's intermediate tree)
-    # ends the walk where it was computed
-    seen = {id(t.grad_fn) for t in inputs if t.grad_fn is not None}
-    stack: list[Any] = [t.grad_fn for t in outputs if t.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if variable is not None:  # AccumulateGrad: a leaf
-            if id(variable) not in known:
-                return f"a tensor of {_trees.describe(variable)}"
-            continue
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return None
-
-
-def foreign_found(index: int, which: str, what: str) -> NoReturn:
-    """``f`` or ``g`` reads a tensor that needs a gradient but is none of its inputs."""
+def foreign_found(index: int, which: str) -> NoReturn:
+    """``f`` or ``g`` reads a tensor computed before it ran, by a way the engine cannot see."""
     fail(
         index,
         which,
-        f"depends on {what} that requires grad but is neither its input, a parameter or buffer "
-        "of its modules, nor a keyword argument of the call (a closure, a global, or a tensor "
-        "kept as a plain attribute?); the recomputation cannot give it a gradient. Hint: pass "
-        "it as a keyword argument (seq(x, name=tensor)) or register it as an nn.Parameter.",
+        "depends on a tensor computed before it ran, that requires grad, and that is neither "
+        "its input, a parameter or buffer of its modules, nor a keyword argument of the call "
+        "(a closure, a global, or a tensor kept as a plain attribute?); the recomputation "
+        "could not pass its gradient on upstream. Hint: pass it as a keyword argument "
+        "(seq(x, name=tensor)), so that its gradient flows upstream through the sequence.",
+    )
+
+
+def reentrant_checkpoint(index: int, which: str) -> NoReturn:
+    """A reentrant ``torch.utils.checkpoint`` inside ``f`` cannot run in a recomputation."""
+    fail(
+        index,
+        which,
+        "calls torch.utils.checkpoint(..., use_reentrant=True), which cannot run inside a "
+        "recomputation (it is not compatible with torch.autograd.grad, which the reversible "
+        "backward uses). Hint: checkpoint with use_reentrant=False inside f and g (the "
+        "default torch recommends), or leave the checkpoint out: the block is recomputed "
+        "anyway.",
+    )
+
+
+# ------------------------------------------------------------- between forward and backward
+
+
+def output_modified(indices: Sequence[int], name: str, tensor: torch.Tensor) -> NoReturn:
+    """The caller changed a reversible stack's output in place before backward."""
+    raise RevtreeError(
+        f"the output {name} ({_trees.describe(tensor)}) of reversible blocks "
+        f"{indices[0]}..{indices[-1]} was changed in place after the forward pass; backward "
+        "rebuilds the blocks' inputs from it, so it must keep the values the forward gave. "
+        "Hint: change a copy (y = y.clone(); y.add_(...)) or compute out of place (y = y + ...)."
+    )
+
+
+def keyword_changed(indices: Sequence[int], name: str, tensor: torch.Tensor) -> NoReturn:
+    """The caller changed a keyword tensor in place between forward and backward."""
+    raise RevtreeError(
+        f"the keyword tensor {name} ({_trees.describe(tensor)}) of reversible blocks "
+        f"{indices[0]}..{indices[-1]} was changed in place after the forward pass; backward "
+        "recomputes the blocks with it, so it must keep the values the forward read. Hint: "
+        "change it after backward, or pass a copy (seq(x, name=tensor.clone()))."
     )
 
 

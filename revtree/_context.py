@@ -1,8 +1,8 @@
-"""Keyword context for the blocks: its tensors, and which of ``f`` and ``g`` receive it."""
+"""Keyword context for the blocks: its tensors, and which functions receive which keywords."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -12,9 +12,15 @@ from optree import PyTreeSpec
 from . import _trees
 from ._errors import RevtreeError
 
-Route = Union[Literal["f", "g", "both"], tuple[bool, bool]]  # noqa: UP007 (a runtime alias)
+Receives = Union[bool, Collection[str]]  # noqa: UP007 (a runtime alias)
+"""What one function receives of a call's keyword arguments: all (``True``), none
+(``False``), or those named (``("mask",)``)."""
+
+Route = Union[Literal["f", "g", "both"], tuple[Receives, Receives]]  # noqa: UP007
 """Which of ``f`` and ``g`` receive the keyword arguments of a call: ``"f"``, ``"g"``,
-``"both"``, or a pair of booleans ``(to_f, to_g)`` (reformer-pytorch's ``arg_route``)."""
+``"both"``, or a pair ``(to_f, to_g)``, each ``True``, ``False`` or the names of the
+keywords that function takes (``(True, ("context",))``: ``f`` gets every keyword, ``g``
+only ``context``)."""
 
 ROUTES: dict[str, tuple[bool, bool]] = {
     "f": (True, False),
@@ -22,17 +28,37 @@ ROUTES: dict[str, tuple[bool, bool]] = {
     "both": (True, True),
 }
 
+Normal = Union[bool, frozenset]  # noqa: UP007
 
-def parse_route(route: Any) -> tuple[bool, bool]:
+
+def parse_receives(value: Any, who: str) -> Normal:
+    """``True``, ``False`` or a frozenset of keyword names, or a ``RevtreeError`` naming ``who``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, Collection) and not isinstance(value, (str, bytes)):
+        names = frozenset(value)
+        if all(isinstance(n, str) for n in names):
+            return names
+    raise RevtreeError(
+        f"{who}={value!r} is not True, False or a collection of keyword names. Hint: True "
+        "passes every keyword argument of the call, False none, ('mask',) only those named."
+    )
+
+
+def parse_route(route: Any) -> tuple[Normal, Normal]:
     """``(to_f, to_g)`` for a route, or a ``RevtreeError`` naming the ones there are."""
-    if isinstance(route, tuple) and len(route) == 2 and all(isinstance(r, bool) for r in route):
-        return route
     if isinstance(route, str) and route in ROUTES:
         return ROUTES[route]
+    if isinstance(route, tuple) and len(route) == 2:
+        try:
+            return parse_receives(route[0], "route[0]"), parse_receives(route[1], "route[1]")
+        except RevtreeError:
+            pass
     raise RevtreeError(
-        f"route={route!r} is not one of {sorted(ROUTES)} or a pair of booleans. "
+        f"route={route!r} is not one of {sorted(ROUTES)} or a pair (to_f, to_g). "
         "Hint: route='f' sends keyword arguments to f only, 'g' to g only, 'both' to both; "
-        "(to_f, to_g) says it per function."
+        "(to_f, to_g) says it per function, each True, False or the keyword names it takes, "
+        "e.g. route=(True, ('context',))."
     )
 
 
@@ -40,24 +66,26 @@ def parse_route(route: Any) -> tuple[bool, bool]:
 class Context:
     """The keyword arguments of one call, flattened once.
 
-    Tensor leaves anywhere in the keyword pytree become inputs of the autograd
-    Function (so they get exact gradients through it); every other leaf is kept as
-    it is. ``rebuild`` puts a new set of tensors (copies, detached aliases) back in.
+    Tensor leaves anywhere in the keyword pytree become inputs of the autograd nodes (so
+    they get exact gradients through them); every other leaf is kept as it is. ``rebuild``
+    puts a set of tensors (copies, detached aliases) back in; ``select`` gives one
+    function what it receives of it.
     """
 
     spec: PyTreeSpec
     leaves: tuple[Any, ...]
-    positions: tuple[int, ...]
-    to_f: bool
-    to_g: bool
+    positions: tuple[int, ...]  # where the tensor leaves sit among the leaves
+    keys: tuple[Any, ...]  # the top-level keyword of each tensor leaf
 
     @classmethod
-    def build(cls, kwargs: dict[str, Any], route: Route, namespace: str) -> Context:
+    def build(cls, kwargs: dict[str, Any], namespace: str) -> Context:
         """Flatten ``kwargs`` and note where its tensors are."""
-        to_f, to_g = parse_route(route)
-        leaves, spec = _trees.flatten(kwargs, namespace)
+        if not kwargs:
+            return _EMPTY
+        paths, leaves, spec = _trees.flatten_with_paths(kwargs, namespace)
         positions = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
-        return cls(spec, tuple(leaves), positions, to_f, to_g)
+        keys = tuple(paths[i][0] for i in positions)
+        return cls(spec, tuple(leaves), positions, keys)
 
     def name(self, k: int) -> str:
         """The key path of the ``k``-th tensor leaf, as ``kwargs['edges'][0]``."""
@@ -68,12 +96,31 @@ class Context:
         """The tensor leaves of the keyword arguments, in flattening order."""
         return [self.leaves[i] for i in self.positions]
 
-    def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The keyword arguments for ``f`` and for ``g``, with ``tensors`` put in."""
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> dict[str, Any]:
+        """The keyword arguments with ``tensors`` put in."""
         if not self.leaves:
-            return {}, {}
+            return {}
         leaves = list(self.leaves)
         for position, tensor in zip(self.positions, tensors):
             leaves[position] = tensor
         kwargs: dict[str, Any] = self.spec.unflatten(leaves)  # type: ignore[assignment]
-        return (kwargs if self.to_f else {}), (kwargs if self.to_g else {})
+        return kwargs
+
+    def select(self, kwargs: dict[str, Any], receives: Normal) -> dict[str, Any]:
+        """What a function that ``receives`` gets of ``kwargs``."""
+        if receives is True:
+            return kwargs
+        if receives is False or not kwargs:
+            return {}
+        return {k: v for k, v in kwargs.items() if k in receives}
+
+    def receiving(self, receives: Normal) -> list[int]:
+        """The indices of the tensors a function that ``receives`` gets."""
+        if receives is True:
+            return list(range(len(self.positions)))
+        if receives is False:
+            return []
+        return [k for k, key in enumerate(self.keys) if key in receives]
+
+
+_EMPTY = Context(_trees.flatten({}, "")[1], (), (), ())

@@ -1,4 +1,4 @@
-"""What a forward keeps for its backward: saved tensors (hooks), and all it leaves alive."""
+"""What a forward keeps for its backward: all it leaves alive, counted by storage."""
 
 from __future__ import annotations
 
@@ -30,19 +30,57 @@ class Counter:
         if key not in self.exempt and key not in self.held:
             self.held[key] = t
             self.size += storage.nbytes()
-        return t
+        return t.detach()  # not t: a node saving its own output would never be freed
+
+
+def held_bytes(
+    fn: Callable[..., Any], /, *args: Any, exclude: Iterable[torch.Tensor] = (), **kwargs: Any
+) -> int:
+    """The bytes a forward call leaves alive for backward, its output included.
+
+    Every tensor storage that is new after ``fn(*args, **kwargs)`` ran with autograd on and
+    is still alive, each once: what autograd saved, what custom autograd Functions keep on
+    their ``ctx`` (the way most reversible libraries keep their output), what closures and
+    modules keep, and the output. The parameters and buffers of ``fn``, when it is a
+    module, and the tensors in ``exclude`` are not counted; neither is anything that
+    existed before the call (the inputs). This is the memory a training step holds between
+    its forward and its backward.
+
+    Args:
+        fn: A module or function.
+        *args: Its positional arguments.
+        exclude: Tensors whose storage is not to be counted.
+        **kwargs: Its keyword arguments.
+
+    Returns:
+        The bytes.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> import revtree
+        >>> from revtree.testing import held_bytes
+        >>> blocks = [(nn.Linear(64, 64), nn.Linear(64, 64)) for _ in range(8)]
+        >>> x = torch.randn(32, 128, requires_grad=True)
+        >>> plain = revtree.ReversibleSequence(blocks, reversible=False)
+        >>> held_bytes(plain, x), held_bytes(revtree.ReversibleSequence(blocks), x)
+        (147456, 16384)
+    """
+    own = [*fn.parameters(), *fn.buffers()] if isinstance(fn, nn.Module) else []
+    with torch.enable_grad():
+        held, _ = held_after_forward(lambda: fn(*args, **kwargs), [*own, *exclude])
+    return held
 
 
 def saved_bytes(
     fn: Callable[..., Any], /, *args: Any, exclude: Iterable[torch.Tensor] = (), **kwargs: Any
 ) -> int:
-    """The bytes autograd saves for backward while ``fn(*args, **kwargs)`` runs.
+    """The bytes a forward call keeps alive for backward beyond its output.
 
-    Each storage counts once. The parameters and buffers of ``fn``, when it is a module,
-    are not counted (they live anyway), nor are the tensors in ``exclude``. The forward
-    runs with autograd on; its graph is let go unused. On a reversible sequence this is
-    what the stack holds between forward and backward: its output streams, not one
-    activation per block.
+    As [`held_bytes`][revtree.testing.held_bytes], less the output's own storage: the
+    activations plain autograd stores, what a reversible stack keeps besides its output
+    (nothing, for a stack whose codecs rebuild the pieces from the output, such as
+    ``Split``). The output itself is what the caller holds anyway.
 
     Args:
         fn: A module or function.
@@ -62,17 +100,27 @@ def saved_bytes(
         >>> x = torch.randn(32, 128, requires_grad=True)
         >>> plain = revtree.ReversibleSequence(blocks, reversible=False)
         >>> saved_bytes(plain, x), saved_bytes(revtree.ReversibleSequence(blocks), x)
-        (131072, 16384)
+        (131072, 0)
     """
     own = [*fn.parameters(), *fn.buffers()] if isinstance(fn, nn.Module) else []
-    counter = Counter([*own, *exclude])
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(counter.pack, _same):
-        fn(*args, **kwargs)
-    return counter.size
+    with torch.enable_grad():
+        storages, out = _new_storages(lambda: fn(*args, **kwargs), [*own, *exclude])
+    outputs = {
+        t.untyped_storage().data_ptr()
+        for t in _tensor_leaves(out)
+        if t.layout == torch.strided and not t.is_meta
+    }
+    return sum(t.untyped_storage().nbytes() for key, t in storages.items() if key not in outputs)
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def _tensor_leaves(out: Any) -> list[torch.Tensor]:
+    import optree
+
+    return [t for t in optree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def held_after_forward(
@@ -97,6 +145,14 @@ def held_after_forward(
     Returns:
         ``(bytes, out)``.
     """
+    storages, out = _new_storages(forward, exempt)
+    return sum(t.untyped_storage().nbytes() for t in storages.values()), out
+
+
+def _new_storages(
+    forward: Callable[[], T], exempt: Iterable[torch.Tensor]
+) -> tuple[dict[int, torch.Tensor], T]:
+    """The storages new after ``out = forward()`` and alive (by address), and ``out``."""
     exempt = list(exempt)
     gc.collect()
     before = _live_tensors()  # held: no storage of theirs is freed and its address reused
@@ -106,8 +162,7 @@ def held_after_forward(
     gc.collect()
     skip = before.keys() | {t.untyped_storage().data_ptr() for t in exempt}
     after = _live_tensors()
-    held = sum(t.untyped_storage().nbytes() for key, t in after.items() if key not in skip)
-    return held, out
+    return {key: t for key, t in after.items() if key not in skip}, out
 
 
 def _live_tensors() -> dict[int, torch.Tensor]:

@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from itertools import chain, groupby
+from itertools import groupby
 from typing import Any, Literal, cast
 
+import optree
 import torch
 from optree import PyTreeSpec
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from . import _trees
-from ._block import Block, Fn, as_block
+from . import _torch, _trees
+from ._block import Block, Fn, Spec, as_block
 from ._budget import MemoryPlan, choose, measure
-from ._buffers import Policy
-from ._call import Call
-from ._context import Route, parse_route
-from ._errors import RevtreeError
-from ._function import Tape
+from ._context import Context, Route, parse_route
+from ._engine import _node, _pass
+from ._engine._compiled import Compiled
+from ._engine._learned import Learned
+from ._engine._run import Call, Settings, Shared, transform_error
+from ._errors import RevtreeError, RevtreeWarning
 from ._layout import Layout
-from ._step import Step
-from ._strategies import Strategy, strategy_for
 from .codecs import Codec, Duplicate, Split
 from .couplings import Additive, Coupling, Elementwise
 
@@ -118,6 +119,7 @@ class ReversibleSequence(nn.Module):
         memory_budget: float = 0,
         namespace: str = "",
         compile: bool = False,
+        sides: Literal["sum", "list"] = "sum",
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList([as_block(i, b) for i, b in enumerate(blocks)])
@@ -129,6 +131,9 @@ class ReversibleSequence(nn.Module):
                 "forward and reverse as compiled functions (see the performance page)."
             )
         self._compile = compile
+        # what the engine learns of the blocks as they run (not state: never saved)
+        self._learned = Learned()
+        self._compiled_engine = Compiled(self._learned) if compile else None
         self.coupling = coupling
         self.reversible = reversible
         self.route = route
@@ -149,9 +154,12 @@ class ReversibleSequence(nn.Module):
         self._plans: dict[tuple, MemoryPlan] = {}
         self._measured: dict[tuple, tuple[list[int], list[float]]] = {}
         self.namespace = namespace
-        # what the engine learns of the blocks as they run (not state: never saved)
-        self._buffer_policy = Policy()
-        self._verified: set[tuple[int, int]] = set()
+        if sides not in ("sum", "list"):
+            raise RevtreeError(
+                f"sides={sides!r} is not 'sum' or 'list'. Hint: 'sum' returns the side outputs "
+                "of every block added up, 'list' one entry per block (None where it has none)."
+            )
+        self.sides = sides
         self._materialised = False
 
     @classmethod
@@ -222,7 +230,7 @@ class ReversibleSequence(nn.Module):
     @property
     def coupling(self) -> Coupling:
         """How ``f`` and ``g`` combine with the streams; setting it applies from the next call."""
-        return self._strategy.coupling
+        return self._coupling
 
     @coupling.setter
     def coupling(self, value: Coupling) -> None:
@@ -231,7 +239,14 @@ class ReversibleSequence(nn.Module):
                 f"coupling={value!r} is not a revtree Coupling. Hint: use "
                 "revtree.couplings.Additive(), Affine(), Momentum() or a Coupling subclass."
             )
-        self._strategy: Strategy = strategy_for(value, self._compile)
+        if self._compile and not isinstance(value, Elementwise):
+            warnings.warn(
+                f"compile=True compiles elementwise couplings (Additive, Affine); {value!r} "
+                "runs on the eager engine.",
+                RevtreeWarning,
+                stacklevel=3,
+            )
+        self._coupling = value
 
     @property
     def route(self) -> Route:
@@ -418,11 +433,10 @@ class ReversibleSequence(nn.Module):
                     "back into its two streams. Hint: use a bijective codec (Split, Rearrange) "
                     "to invert the sequence."
                 )
-        y1, y2 = layout.encode(_trees.flatten(y, self.namespace)[0])
-        call = Call.build(self, layout, kwargs, self.route)
-        for index in reversed(range(len(self.blocks))):
-            y1, y2 = self._strategy.inverse(Step(call, index, self._block(index)), y1, y2)
-        return layout.decode(y1, y2)
+        state = layout.encode(_trees.flatten(y, self.namespace)[0])
+        call = self._new_call(layout, kwargs)
+        _pass.inverse(call, self._planned(layout, self.route, range(len(self.blocks))), state)
+        return layout.decode(state)
 
     def plan(self, x: Any, /, **kwargs: Any) -> MemoryPlan:
         """The memory plan for an input like ``x``: which blocks store, and what they cost.
@@ -449,16 +463,16 @@ class ReversibleSequence(nn.Module):
             >>> sum(plan.stored), plan.used_bytes <= 40_000
             (2, True)
         """
-        call, x1, x2 = self._call(x, kwargs, self.route)
-        return self._plan(call, x1, x2)
+        call, state, planned = self._start(x, kwargs, self.route, None)
+        return self._plan(call, state, planned)
 
-    def _plan(self, call: Call, x1: Leaves, x2: Leaves) -> MemoryPlan:
-        context = call.context
+    def _plan(self, call: Call, state: list[Leaves], planned: list[Any]) -> MemoryPlan:
+        shared = call.shared
         signature = (
-            call.layout.spec,
+            shared.layout.spec,
             self.training,
-            tuple((t.shape, t.dtype, t.device) for t in chain(x1, x2)),
-            tuple((t.shape, t.dtype) for t in context.tensors),
+            tuple((t.shape, t.dtype, t.device) for part in state for t in part),
+            tuple((t.shape, t.dtype) for t in shared.context.tensors),
         )
         fixed = tuple(not r for r in self._reversible)
         key = (signature, self.memory_budget, fixed)
@@ -466,12 +480,11 @@ class ReversibleSequence(nn.Module):
         if plan is None:
             measured = self._measured.get(signature)
             if measured is None:
-                held = [*self.parameters(), *self.buffers(), *context.tensors]
-                blocks = [(i, self._block(i)) for i in range(len(self.blocks))]
-                measured = measure(call, blocks, x1, x2, held, self)
+                held = [*self.parameters(), *self.buffers(), *shared.context.tensors]
+                measured = measure(call, planned, state, held, self)
                 _remember(self._measured, signature, measured)
             sizes, seconds = measured
-            stream_bytes = sum(t.numel() * t.element_size() for t in chain(x1, x2))
+            stream_bytes = sum(t.numel() * t.element_size() for part in state for t in part)
             stored = choose(sizes, seconds, stream_bytes, self.memory_budget, fixed)
             plan = MemoryPlan(
                 self.memory_budget, stream_bytes, tuple(sizes), tuple(seconds), stored
@@ -487,22 +500,46 @@ class ReversibleSequence(nn.Module):
             _remember(self._layouts, spec, layout)
         return layout
 
-    def _call(self, x: Any, kwargs: dict[str, Any], route: Route) -> tuple[Call, Leaves, Leaves]:
-        """The call on ``x``, and its two encoded half-streams.
+    def _new_call(self, layout: Layout, kwargs: dict[str, Any]) -> Call:
+        context = Context.build(kwargs, self.namespace)
+        return Call(Shared(layout, context, Settings(self)))
 
-        ``f`` (and a generic coupling) must not see the caller's storage: were it to modify
-        its input in place, the error raised would come too late for the caller's tensors.
+    def _planned(
+        self, layout: Layout, route: Any, indices: Sequence[int]
+    ) -> list[tuple[int, Block, list[Spec]]]:
+        """The blocks ``indices``, each with the program it runs for ``layout`` and ``route``."""
+        normal = parse_route(route)
+        programs = self._learned.programs
+        planned = []
+        for index in indices:
+            block = self._block(index)
+            key = (block, self._coupling, normal, layout.parts)
+            program = programs.get(key)
+            if program is None:
+                program = programs[key] = block.program(self._coupling, normal)
+                _checks_program(index, block, program, layout)
+            planned.append((index, block, program))
+        return planned
+
+    def _start(
+        self, x: Any, kwargs: dict[str, Any], route: Any, indices: Sequence[int] | None
+    ) -> tuple[Call, list[Leaves], list[Any]]:
+        """The call on ``x``: its forward objects, the encoded state and the blocks to run.
+
+        No function sees the caller's storage: the parts a block reads before it writes
+        them are copied, so that an in-place change inside one raises before the caller's
+        tensors change.
         """
         leaves, spec = _trees.flatten(x, self.namespace)
         layout = self._layouts.get(spec) or self._layout(x)
-        x1, x2 = layout.encode(leaves)
-        call = Call.build(self, layout, kwargs, route)
-        if not leaves:
-            return call, x1, x2
-        x2 = [t.clone() for t in x2]
-        if not isinstance(self.coupling, Elementwise):
-            x1 = [t.clone() for t in x1]
-        return call, x1, x2
+        state = layout.encode(leaves)
+        call = self._new_call(layout, kwargs)
+        indices = range(len(self.blocks)) if indices is None else indices
+        planned = self._planned(layout, route, indices) if leaves else []
+        if planned:
+            for k in _read_first(planned[0][2], layout.parts):
+                state[k] = [t.clone() for t in state[k]]
+        return call, state, planned
 
     @torch.compiler.disable
     def _run(
@@ -513,42 +550,160 @@ class ReversibleSequence(nn.Module):
         indices: Sequence[int] | None = None,
     ) -> Any:
         """Run the blocks ``indices`` (all, by default) in order."""
-        call, x1, x2 = self._call(x, kwargs, route)
-        if not x1:
-            return call.layout.decode(x1, x2)
-        indices = range(len(self.blocks)) if indices is None else indices
-        flags = self._stored_flags(call, x1, x2)
-        for stored, group in groupby(indices, key=flags.__getitem__):
-            blocks = [(i, self._block(i)) for i in group]
-            if not stored:
-                if call.autocast is None:
-                    call.record([*x1, *x2], self.preserve_rng_state)
-                x1, x2 = Tape(call).run(blocks, x1, x2)
-            else:  # plain autograd, or no gradient at all
-                for index, block in blocks:
-                    x1, x2 = call.strategy.forward(Step(call, index, block), x1, x2)
-        return call.layout.decode(x1, x2)
+        reversible = torch.is_grad_enabled() and any(self._reversible)
+        if _torch.functorch_active() or (
+            _torch.forward_ad_active() and any(map(_torch.has_tangent, _tensors(x, kwargs)))
+        ):
+            if reversible:
+                raise transform_error()
+            return self._run_plainly(x, kwargs, route, indices)
+        call, state, planned = self._start(x, kwargs, route, indices)
+        layout = call.shared.layout
+        if self._compiled_engine is not None:
+            self._compiled_engine.ran = set()
+        if not planned:
+            return layout.decode(state)
+        leaves = _trees.flatten(x, self.namespace)[0]
+        flags = self._stored_flags(call, state, planned)
+        sides: list[list[Any]] = []
+        tape = None
+        first = True
+        at = 0
+        for stored, group in groupby(flags):
+            count = len(list(group))
+            chunk = planned[at : at + count]
+            at += count
+            if stored:  # plain autograd, or no gradient at all
+                sides += _pass.forward_plain(call, chunk, state)
+                tape = None
+            else:
+                state, found, tape = _pass.forward_nodes(
+                    call, chunk, state, leaves if first else None
+                )
+                sides += found
+            first = False
+        if call.tracker is not None:
+            call.tracker.flush()
+        out = [layout.leaf(state, i) for i in range(len(layout.codecs))]
+        if tape is not None:
+            _node.hold_decoded(tape, out)
+        y = layout.spec.unflatten(out)
+        if _has_sides(planned):
+            return y, self._gather_sides(sides)
+        return y
 
-    def _stored_flags(self, call: Call, x1: Leaves, x2: Leaves) -> tuple[bool, ...]:
-        """For each block, whether it runs with plain autograd in this call.
+    def _run_plainly(
+        self, x: Any, kwargs: dict[str, Any], route: Route, indices: Sequence[int] | None
+    ) -> Any:
+        """Every block with plain autograd, as leaf-by-leaf torch ops (``torch.func``)."""
+        call, state, planned = self._start(x, kwargs, route, indices)
+        sides = _pass.forward_plain(call, planned, state)
+        y = call.shared.layout.decode(state)
+        if _has_sides(planned):
+            return y, self._gather_sides(sides)
+        return y
+
+    def _gather_sides(self, sides: list[list[Any]]) -> Any:
+        """The side outputs of the call: summed over blocks, or one entry per block."""
+        per_block = []
+        for steps in sides:
+            found = [s for s in steps if s is not None]
+            per_block.append(_sum_trees(found, self.namespace) if found else None)
+        if self.sides == "list":
+            return per_block
+        found = [s for s in per_block if s is not None]
+        return _sum_trees(found, self.namespace)
+
+    def _stored_flags(self, call: Call, state: list[Leaves], planned: list[Any]) -> list[bool]:
+        """For each block to run, whether it runs with plain autograd in this call.
 
         Every block does without a gradient; under autograd, those built with
         ``reversible=False``, those the memory budget stores, and those with modules still
         to be materialised (lazy modules run once, as plain autograd, on their first call).
         """
         if not torch.is_grad_enabled():
-            return (True,) * len(self.blocks)
-        stored = tuple(not r for r in self._reversible)
+            return [True] * len(planned)
+        every = tuple(not r for r in self._reversible)
         if self.memory_budget == float("inf"):
-            return (True,) * len(stored)
-        if self.memory_budget:
-            plan = self._plan(call, x1, x2).stored
-            stored = tuple(a or b for a, b in zip(stored, plan))
+            every = (True,) * len(every)
+        elif self.memory_budget:
+            every_block = self._planned(call.shared.layout, self.route, range(len(self.blocks)))
+            plan = self._plan(call, state, every_block).stored
+            every = tuple(a or b for a, b in zip(every, plan))
         if not self._materialised:
             lazy = tuple(_is_lazy(b) for b in self.blocks)
             self._materialised = not any(lazy)
-            stored = tuple(a or b for a, b in zip(stored, lazy))
-        return stored
+            every = tuple(a or b for a, b in zip(every, lazy))
+        return [every[index] for index, _, _ in planned]
+
+
+def _has_sides(planned: list[Any]) -> bool:
+    return any(side for _, _, program in planned for spec in program for side in spec.side)
+
+
+def _tensors(x: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    leaves: list[Any] = optree.tree_leaves(cast(Any, (x, kwargs)), none_is_leaf=_trees.NONE_IS_LEAF)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _sum_trees(trees: list[Any], namespace: str) -> Any:
+    """The leafwise sum of side outputs of one structure."""
+    total = trees[0]
+    for tree in trees[1:]:
+        try:
+            total = optree.tree_map(
+                torch.add, total, tree, none_is_leaf=_trees.NONE_IS_LEAF, namespace=namespace
+            )
+        except ValueError as e:
+            raise RevtreeError(
+                f"the side outputs of the blocks have different structures, so they cannot be "
+                f"summed ({str(e).splitlines()[0]}). Hint: ReversibleSequence(..., "
+                "sides='list') returns one per block."
+            ) from None
+    return total
+
+
+def _read_first(program: list[Spec], parts: int) -> list[int]:
+    """The parts a block's program reads before writing them (they hold the caller's storage)."""
+    written: set[int] = set()
+    out: list[int] = []
+    for spec in program:
+        every = spec.writes or tuple(range(parts))
+        reads = spec.reads if spec.kind == "update" else every
+        out.extend(r for r in reads if r not in written and r not in out)
+        written.update(every)
+    return out
+
+
+def _checks_program(index: int, block: Block, program: list[Spec], layout: Layout) -> None:
+    """A block's steps must fit the parts the codecs make, and update every one of them."""
+    parts = layout.parts
+    names = block.names()
+    if block.two_stream and parts != 2:
+        raise RevtreeError(
+            f"block {index} is a pair (f, g) over two streams, but the codecs make {parts} "
+            f"part(s) of the input. Hint: use two-part codecs (Split(dim), Duplicate()), or "
+            "build the block from steps over the parts: Block(Update(f0, writes=0, reads=1), "
+            "...)."
+        )
+    written: set[int] = set()
+    for spec in program:
+        for part in (*spec.writes, *spec.reads):
+            if part >= parts:
+                raise RevtreeError(
+                    f"block {index}: {names[spec.fns[0]]} uses part {part}, but the codecs make "
+                    f"{parts} part(s) of the input (0..{parts - 1}). Hint: give the input a "
+                    f"codec with more parts (Split(dim, parts={part + 1})), or use parts "
+                    "that exist."
+                )
+        written.update(spec.writes or range(parts))
+    missing = sorted(set(range(parts)) - written)
+    if missing:
+        raise RevtreeError(
+            f"block {index} updates parts {sorted(written)} of the {parts} the codecs make: "
+            f"part(s) {missing} would pass through it unchanged. Hint: add an Update that "
+            "writes each part, or cut the input in fewer parts."
+        )
 
 
 def _no_update(tree: Any, **kwargs: Any) -> None:

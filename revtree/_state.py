@@ -1,4 +1,4 @@
-"""Which block is running, and whether it is being recomputed during backward."""
+"""Which block is running, whether it is being recomputed, and its memo: per thread."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ def is_recomputing() -> bool:
 
     A reversible block runs twice per training step: once in the forward pass and
     once more when its inputs are reconstructed from its outputs. Code inside ``f``
-    or ``g`` that must act only once per step (update a running statistic, fill a
-    cache, count calls) reads this flag.
+    or ``g`` that must act only once per step (update a running statistic, count calls)
+    reads this flag; a value computed in the forward pass and needed again in the
+    recomputation is what [`memo`][revtree.memo] keeps.
 
     Returns:
         ``True`` inside the recomputation of a block, ``False`` otherwise.
@@ -44,28 +45,23 @@ def current_block() -> int | None:
     return getattr(_local, "block", None)
 
 
-def enter(block: int, recomputing: bool) -> tuple[Any, Any]:
-    """Mark ``block`` as running (and maybe recomputing); return what to ``leave`` back to."""
-    previous = (getattr(_local, "block", None), getattr(_local, "recomputing", False))
-    _local.block, _local.recomputing = block, recomputing
+def enter(block: int, recomputing: bool, memo: Any = None) -> tuple[Any, Any, Any]:
+    """Mark ``block`` as running (maybe recomputing, with a memo); return what to ``leave`` to."""
+    local = _local
+    previous = (
+        getattr(local, "block", None),
+        getattr(local, "recomputing", False),
+        getattr(local, "memo", None),
+    )
+    local.block, local.recomputing, local.memo = block, recomputing, memo
     return previous
 
 
-def leave(previous: tuple[Any, Any]) -> None:
+def leave(previous: tuple[Any, Any, Any]) -> None:
     """Undo ``enter``."""
-    _local.block, _local.recomputing = previous
+    _local.block, _local.recomputing, _local.memo = previous
 
 
-class running:  # noqa: N801 (used as a context manager, like contextlib's)
-    """Mark ``block`` as running (and maybe recomputing) for the duration of the context."""
-
-    __slots__ = ("_entry", "_previous")
-
-    def __init__(self, block: int, *, recomputing: bool) -> None:
-        self._entry = (block, recomputing)
-
-    def __enter__(self) -> None:
-        self._previous = enter(*self._entry)
-
-    def __exit__(self, *exc: Any) -> None:
-        leave(self._previous)
+def memo_record() -> Any:
+    """The memo of the call now running (``None`` outside a block)."""
+    return getattr(_local, "memo", None)

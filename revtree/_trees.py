@@ -43,6 +43,13 @@ def leaves_as(tree: Any, spec: PyTreeSpec, namespace: str) -> tuple[list[Any], P
     return flatten(tree, namespace)
 
 
+def flatten_with_paths(
+    tree: Any, namespace: str
+) -> tuple[list[tuple[Any, ...]], list[Any], PyTreeSpec]:
+    """Flatten ``tree``, also returning each leaf's key path."""
+    return optree.tree_flatten_with_path(tree, none_is_leaf=NONE_IS_LEAF, namespace=namespace)
+
+
 def flatten_with_names(
     tree: Any, namespace: str
 ) -> tuple[list[tuple[Any, ...]], list[str], list[Any], PyTreeSpec]:

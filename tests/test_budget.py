@@ -9,29 +9,19 @@ from torch import nn
 
 import revtree
 from revtree._budget import choose
+from revtree.testing import held_bytes, saved_bytes
 
 INF = float("inf")
 
 
-def _saved_bytes(seq, x, **kwargs) -> int:
-    """The bytes autograd holds after a forward call, each storage once, beyond what the
-    caller holds anyway (parameters, the input, keyword tensors)."""
-    exempt = {p.untyped_storage().data_ptr() for p in seq.parameters()}
-    exempt |= {v.untyped_storage().data_ptr() for v in [x, *kwargs.values()]}
-    seen: set[int] = set()
-    total = 0
+def _held(seq, x, **kwargs) -> int:
+    """The bytes a forward call leaves alive (the output included), each storage once."""
+    return held_bytes(seq, x, exclude=[x, *kwargs.values()], **kwargs)
 
-    def pack(tensor):
-        nonlocal total
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in exempt | seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-        return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        seq(x, **kwargs)
-    return total
+def _saved(seq, x, **kwargs) -> int:
+    """As ``_held``, less the output."""
+    return saved_bytes(seq, x, exclude=[x, *kwargs.values()], **kwargs)
 
 
 def _mlp_blocks(depth: int, width: int = 16) -> list[tuple[nn.Module, nn.Module]]:
@@ -50,11 +40,12 @@ def test_zero_and_unlimited_budgets():
     x = t(32, 32)
     assert revtree.ReversibleSequence(blocks, memory_budget=INF).plan(x).stored == (True,) * 6
     assert revtree.ReversibleSequence(blocks).plan(x).stored == (False,) * 6
-    plain = _saved_bytes(revtree.ReversibleSequence(blocks, reversible=False), x)
-    assert _saved_bytes(revtree.ReversibleSequence(blocks, memory_budget=INF), x) == plain
-    reversible = _saved_bytes(revtree.ReversibleSequence(blocks), x)
+    plain = _saved(revtree.ReversibleSequence(blocks, reversible=False), x)
+    held_plain = _held(revtree.ReversibleSequence(blocks, reversible=False), x)
+    assert _held(revtree.ReversibleSequence(blocks, memory_budget=INF), x) == held_plain
+    reversible = _held(revtree.ReversibleSequence(blocks), x)
     plan = revtree.ReversibleSequence(blocks).plan(x)
-    assert reversible == plan.stream_bytes  # the output streams, nothing else
+    assert reversible == plan.stream_bytes  # the output, held once: nothing else
     # the measured activations are what plain autograd stores (blocks overlap where one
     # block's saved output is the next one's saved input: the sum counts those twice)
     assert plain <= sum(plan.activation_bytes) <= 2 * plain
@@ -64,12 +55,12 @@ def test_zero_and_unlimited_budgets():
 def test_held_memory_stays_within_the_budget(fraction):
     blocks = _mlp_blocks(8)
     x = t(32, 32)
-    plain = _saved_bytes(revtree.ReversibleSequence(blocks, reversible=False), x)
+    plain = _saved(revtree.ReversibleSequence(blocks, reversible=False), x)
     budget = fraction * plain
     seq = revtree.ReversibleSequence(blocks, memory_budget=budget)
     plan = seq.plan(x)
     assert 0 < sum(plan.stored) < 8 and plan.used_bytes <= budget
-    assert _saved_bytes(seq, x) <= budget + plan.stream_bytes
+    assert _saved(seq, x) <= budget + plan.stream_bytes
 
 
 def test_choice_prefers_recomputation_per_byte_and_the_end():

@@ -12,7 +12,7 @@ from torch import nn
 
 import revtree
 from revtree.couplings import Affine
-from revtree.testing import saved_bytes
+from revtree.testing import held_bytes, saved_bytes
 
 D = torch.float64
 
@@ -128,15 +128,17 @@ def test_none_for_an_affine_update_is_the_identity():
     assert_trees_close(seq(x), torch.cat((y1, y2), -1))
 
 
-def test_saved_bytes_is_flat_in_depth_for_the_reversible_stack():
+def test_held_bytes_is_flat_in_depth_for_the_reversible_stack():
     x = t(16, 8)
     held = {}
     for depth in (2, 8):
         blocks = [(lin(), lin()) for _ in range(depth)]
-        held[depth] = saved_bytes(revtree.ReversibleSequence(blocks), x)
+        seq = revtree.ReversibleSequence(blocks)
+        held[depth] = held_bytes(seq, x)
+        assert saved_bytes(seq, x) == 0  # nothing beyond its output
         plain = saved_bytes(revtree.ReversibleSequence(blocks, reversible=False), x)
         assert plain >= depth * held[depth] / 2  # two inputs saved per block
-    assert held[2] == held[8] == 2 * 16 * 4 * 8  # the two output streams, float64
+    assert held[2] == held[8] == 16 * 8 * 8  # the output, once, float64
 
 
 def test_a_drift_check_that_raises():

@@ -11,7 +11,8 @@ from torch import nn
 
 import revtree
 from revtree._drift import check, relative_errors, sample
-from revtree.codecs import ZeroVelocity
+from revtree._layout import Layout
+from revtree.codecs import Split, ZeroVelocity
 from revtree.couplings import Momentum
 from revtree.testing import reconstruction_errors
 
@@ -74,14 +75,29 @@ def test_relative_errors_of_empty_leaves_are_zero():
 
 
 def test_check_names_the_block_the_stream_and_the_leaf():
-    exact = [torch.ones(4), torch.full((4,), 3.0), torch.zeros(4), torch.zeros(4)]
-    rebuilt = [e.clone() for e in exact]
-    rebuilt[3] = torch.full((4,), 0.3)  # x2 of the second leaf: 0.3 / 3 = 0.1
-    names = ("['a']", "['b']")
-    assert not check(7, names, rebuilt, sample(exact), 0.2)
-    match = r"block 7: its input x2 at \['b'\] .* relative error 1\.00e-01"
+    x = {"a": torch.ones(8), "b": torch.cat((torch.full((4,), 3.0), torch.zeros(4)))}
+    layout = Layout.build(x, Split(-1), "")
+    exact = layout.encode([x["a"], x["b"]])  # [[a1, b1], [a2, b2]]
+    rebuilt = [list(part) for part in exact]
+    rebuilt[1][1] = torch.full((4,), 0.3)  # x2 of the second leaf: 0.3 / 3 = 0.1
+    summaries = sample([t for part in exact for t in part])
+    assert not check(7, layout, rebuilt, summaries, 0.2)
+    match = r"block 7: its input x2 at x\['b'\] .* relative error 1\.00e-01"
     with pytest.warns(revtree.RevtreeWarning, match=match):
-        assert check(7, names, rebuilt, sample(exact), 0.05)
+        assert check(7, layout, rebuilt, summaries, 0.05)
+
+
+def test_check_sees_drift_anywhere_in_a_leaf():
+    """One entry off, in a row the strided sample skips, is still seen."""
+    rows = torch.randn(4096, 8, dtype=torch.float64)
+    layout = Layout.build(rows, Split(-1), "")
+    exact = layout.encode([rows])
+    rebuilt = [[t.clone() for t in part] for part in exact]
+    rebuilt[0][0][1, 2] += 1.4e-2 * rows.abs().max()  # row 1: not among the 64 sampled
+    summaries = sample([t for part in exact for t in part])
+    assert not check(3, layout, exact, summaries, 1e-6)
+    with pytest.warns(revtree.RevtreeWarning, match=r"block 3: its input x1 .* 1\.40e-02"):
+        assert check(3, layout, rebuilt, summaries, 1e-3)
 
 
 def test_guard_is_quiet_on_a_healthy_zero_velocity_stack():

@@ -129,12 +129,15 @@ def test_parameter_changed_between_forward_and_backward():
 def test_output_modified_in_place_before_backward():
     seq = revtree.ReversibleSequence([(TreeMixer([2]), TreeMixer([2]))], codec=Duplicate())
     y = seq(t(3, 2))
-    y.mul_(2)  # Duplicate's mean is a new tensor: autograd allows this, the streams are intact
+    y.mul_(2)  # Duplicate's mean is a new tensor: the streams are held apart, intact
     y.sum().backward()
     seq2 = revtree.ReversibleSequence([(TreeMixer([2]), TreeMixer([2]))])
-    z = seq2(t(3, 4))
-    z.add_(1)  # Split's cat saves nothing either
-    z.sum().backward()
+    z = seq2({"tokens": t(3, 4)})
+    z["tokens"].add_(1)  # Split's output is held once, for backward: as autograd refuses
+    with pytest.raises(
+        revtree.RevtreeError, match=r"the output y\['tokens'\] \(shape \(3, 4\).*changed in place"
+    ):
+        z["tokens"].sum().backward()
 
 
 def test_block_called_directly():
@@ -294,3 +297,123 @@ def test_nested_codec_tree_mismatch_names_the_key_path_not_values():
     with pytest.raises(revtree.RevtreeError, match=r"(?s)key path.*codec\['a'\].*Tensor") as info:
         seq(x)
     assert "12345" not in str(info.value)
+
+
+# ------------------------------------------------------------- transforms and seams
+
+
+def _mlp_seq(**kwargs):
+    torch.manual_seed(0)
+    pairs = [
+        (nn.Linear(2, 2, dtype=torch.float64), nn.Linear(2, 2, dtype=torch.float64))
+        for _ in range(2)
+    ]
+    return revtree.ReversibleSequence(pairs, **kwargs), pairs
+
+
+def _plain(pairs, x):
+    x1, x2 = x.chunk(2, -1)
+    for f, g in pairs:
+        x1 = x1 + f(x2)
+        x2 = x2 + g(x1)
+    return torch.cat((x1, x2), -1)
+
+
+@pytest.mark.parametrize("how", ["no_grad", "reversible=False"])
+def test_vmap_over_a_sequence_works_without_a_reversible_backward(how):
+    seq, pairs = _mlp_seq(reversible=how != "reversible=False")
+    xs = t(5, 3, 4)
+    if how == "no_grad":
+        with torch.no_grad():
+            got = torch.vmap(seq)(xs)
+    else:
+        got = torch.vmap(seq)(xs)
+    expected = torch.stack([_plain(pairs, x) for x in xs])
+    assert torch.allclose(got, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev", "vmap"])
+def test_torch_func_transforms_of_a_reversible_stack_say_to_use_reversible_false(transform):
+    seq, _ = _mlp_seq()
+    x = t(3, 4)
+    calls = {
+        "grad": lambda: torch.func.grad(lambda v: seq(v).sum())(x),
+        "vjp": lambda: torch.func.vjp(seq, x),
+        "jacrev": lambda: torch.func.jacrev(seq)(x),
+        "vmap": lambda: torch.vmap(seq)(t(2, 3, 4)),
+    }
+    with pytest.raises(revtree.RevtreeError, match=r"torch\.func transform.*reversible=False"):
+        calls[transform]()
+
+
+def test_torch_func_grad_with_reversible_false_equals_plain_autograd():
+    seq, pairs = _mlp_seq(reversible=False)
+    x = t(3, 4)
+    got = torch.func.grad(lambda v: seq(v).square().sum())(x)
+    expected = torch.autograd.grad(_plain(pairs, x).square().sum(), x)[0]
+    assert torch.allclose(got, expected, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_ad_through_a_reversible_stack_is_a_clear_error():
+    import torch.autograd.forward_ad as fwad
+
+    seq, pairs = _mlp_seq()
+    x, tangent = t(3, 4), t(3, 4, seed=1)
+    with fwad.dual_level(), pytest.raises(revtree.RevtreeError, match="reversible=False"):
+        seq(fwad.make_dual(x, tangent))
+    with fwad.dual_level(), torch.no_grad():  # no backward to run: it simply works
+        out = fwad.unpack_dual(seq(fwad.make_dual(x, tangent))).tangent
+        expected = fwad.unpack_dual(_plain(pairs, fwad.make_dual(x, tangent))).tangent
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
+def test_a_reentrant_checkpoint_inside_f_says_use_reentrant_false():
+    from torch.utils.checkpoint import checkpoint
+
+    lin = nn.Linear(2, 2, dtype=torch.float64)
+    seq = revtree.ReversibleSequence(
+        [(lambda x: checkpoint(lin, x, use_reentrant=True), nn.Linear(2, 2, dtype=torch.float64))]
+    )
+    y = seq(t(3, 4))
+    with pytest.raises(revtree.RevtreeError, match=r"block 0: f calls .*use_reentrant=False"):
+        y.sum().backward()
+
+
+def test_a_keyword_tensor_changed_in_place_after_the_forward_names_the_keyword():
+    class Ctx(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2, dtype=torch.float64)
+
+        def forward(self, x, ctx):
+            return self.lin(x) * ctx["scale"]
+
+    seq = revtree.ReversibleSequence([(Ctx(), nn.Linear(2, 2, dtype=torch.float64))])
+    ctx = {"scale": t(3, 1)}
+    y = seq(t(3, 4), ctx=ctx)
+    with torch.no_grad():
+        ctx["scale"].mul_(2)
+    with pytest.raises(
+        revtree.RevtreeError, match=r"keyword tensor kwargs\['ctx'\]\['scale'\].*changed in place"
+    ):
+        y.sum().backward()
+
+
+def test_register_hook_on_an_intermediate_inside_f_says_why_it_fails():
+    class Hooked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2, dtype=torch.float64)
+
+        def forward(self, x):
+            h = self.lin(x)
+            h.register_hook(lambda g: g)
+            return h
+
+    seq = revtree.ReversibleSequence([(Hooked(), nn.Linear(2, 2, dtype=torch.float64))])
+    seq(t(3, 4))  # the first call runs with autograd on (it looks for what f reads)
+    with pytest.raises(RuntimeError) as raised:
+        seq(t(3, 4))
+    notes = "\n".join(getattr(raised.value, "__notes__", []))
+    assert "runs under torch.no_grad()" in notes and "if h.requires_grad" in notes

@@ -22,7 +22,8 @@ from helpers import (
 from torch import nn
 
 import revtree
-from revtree import _rng
+from revtree._replay import _rng
+from revtree._saved import held_after_forward
 from revtree.codecs import Duplicate, Split
 
 
@@ -158,8 +159,8 @@ def test_no_grad_stores_nothing_and_captures_no_rng(mode, monkeypatch):
     assert_trees_close(y, expected)
 
 
-def test_reversible_stack_stores_only_its_outputs():
-    """What the graph holds: the final streams, not one tensor per block."""
+def test_reversible_stack_stores_only_its_output():
+    """What the graph holds: the output, once, and one random state per call that draws."""
     x = t(4, 8)
     packed = []
 
@@ -168,12 +169,18 @@ def test_reversible_stack_stores_only_its_outputs():
         return tensor
 
     for depth in (2, 8):
-        seq, _, _ = _seq_for(x, depth=depth, dropout=0.1)
+        seq, _, _ = _seq_for(x, depth=depth)
+        seq(x)  # its first call looks for what f and g read
         packed.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda p: p):
-            y = seq(x)
-        # the two output streams, plus nothing per block (Split's cat saves nothing)
-        assert len(packed) == 2, [tuple(p.shape) for p in packed]
+            held, y = held_after_forward(lambda seq=seq: seq(x))
+        assert not packed  # nothing saved by autograd: the node keeps its output itself
+        assert held == x.numel() * x.element_size()
+        y.sum().backward()
+        dropout, _, _ = _seq_for(x, depth=depth, dropout=0.1)
+        held, y = held_after_forward(lambda seq=dropout: seq(x))
+        state = torch.default_generator.get_state().nbytes
+        assert held == x.numel() * x.element_size() + 2 * depth * state  # each call draws
         y.sum().backward()
 
 
@@ -345,8 +352,8 @@ def test_no_reference_cycles_keep_the_graph_alive():
     seq, _, _ = _seq_for(x, depth=3)
     gc.disable()
     y = seq(x)
-    node = y.grad_fn.next_functions[0][0]  # the reversible Function's node
-    ref = weakref.ref(node.tape)
+    node = y.grad_fn.next_functions[0][0]  # the reversible node
+    ref = weakref.ref(node.tape())
     y.sum().backward()
     del y, node
     gc.disable()

@@ -1,5 +1,6 @@
 """Checks a library author runs on their own model: gradients, drift, saved memory."""
 
+from .._saved import held_bytes as held_bytes
 from .._saved import saved_bytes as saved_bytes
 from ._gradients import GradientReport as GradientReport
 from ._gradients import compare_gradients as compare_gradients
@@ -10,6 +11,7 @@ __all__ = [
     "BlockDrift",
     "GradientReport",
     "compare_gradients",
+    "held_bytes",
     "reconstruction_errors",
     "saved_bytes",
 ]

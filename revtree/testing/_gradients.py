@@ -15,7 +15,8 @@ import optree
 import torch
 from torch import nn
 
-from .. import _buffers, _rng, _trees
+from .. import _trees
+from .._replay import _buffers, _rng
 from .._sequence import ReversibleSequence
 
 
@@ -149,8 +150,7 @@ def _format(path: tuple[Any, ...]) -> str:
 def _seed(seed: int, generators: _rng.Generators) -> None:
     # not torch.manual_seed: it reseeds every CUDA device too, or, before CUDA starts,
     # queues that reseeding for when it does; neither would be undone
-    for generator in generators.generators:
-        generator.manual_seed(seed)
+    generators.seed(seed)
 
 
 @contextmanager

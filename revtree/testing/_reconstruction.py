@@ -7,11 +7,12 @@ from typing import Any
 
 import torch
 
-from .. import _rng, _trees
-from .._call import Call
 from .._drift import relative_errors
+from .._engine import _pass
+from .._engine._sink import Backward
+from .._engine._steps import rebuild_block
+from .._replay import _rng
 from .._sequence import ReversibleSequence
-from .._step import Backward, Step
 from ._gradients import isolated
 
 
@@ -41,8 +42,9 @@ class BlockDrift:
     accumulated: float
 
 
-def _error(rebuilt: tuple[list, list], exact: tuple[list, list]) -> float:
-    return max(relative_errors([*rebuilt[0], *rebuilt[1]], [*exact[0], *exact[1]]), default=0.0)
+def _error(rebuilt: list[list[Any]], exact: list[list[Any]], owners: list[int]) -> float:
+    flat = [t for part in rebuilt for t in part]
+    return max(relative_errors(flat, [t for part in exact for t in part], owners), default=0.0)
 
 
 def reconstruction_errors(seq: ReversibleSequence, x: Any, /, **kwargs: Any) -> list[BlockDrift]:
@@ -75,28 +77,22 @@ def reconstruction_errors(seq: ReversibleSequence, x: Any, /, **kwargs: Any) -> 
         >>> max(d.accumulated for d in drift) < 1e-5
         True
     """
-    layout = seq._layout(x)
-    call = Call.build(seq, layout, kwargs, seq.route)
-    strategy = call.strategy
     with torch.no_grad(), isolated(seq, _rng.every_generator()):
-        x1, x2 = layout.encode(_trees.flatten(x, seq.namespace)[0])
-        call.record([*x1, *x2], preserve_rng=True)
-        positions: dict[int, int] = {}
-        sources: list[torch.Tensor] = []
-        inputs, steps = [], []
-        for index in range(len(seq.blocks)):
-            inputs.append((x1, x2))
-            step = Step(call, index, seq._block(index), record=(positions, sources))
-            x1, x2 = strategy.forward(step, x1, x2)
-            steps.append(step)
-        outputs = [*inputs[1:], (x1, x2)]
+        call, state, planned = seq._start(x, kwargs, seq.route, None)
+        layout = call.shared.layout
+        owners = [i for members in layout.members for i in members]
+        call.record(state, preserve_rng=True)
+        tape, inputs = _pass.record(call, planned, state)
+        outputs = [*inputs[1:], state]
         # rebuilt as backward rebuilds them: the forward's random states, buffers and tensors
-        back = Backward(call, [s.detach() for s in sources], call.context.tensors, verify=False)
+        back = Backward(tape, [False] * len(call.shared.context.tensors))
         drift = []
-        y1, y2 = x1, x2
-        for index in reversed(range(len(seq.blocks))):
-            step, exact = steps[index], inputs[index]
-            local = strategy.inverse(step, *outputs[index], back)
-            y1, y2 = strategy.inverse(step, y1, y2, back)
-            drift.append(BlockDrift(index, _error(local, exact), _error((y1, y2), exact)))
+        running = [list(part) for part in state]
+        for run, exact, out in zip(reversed(tape.runs), reversed(inputs), reversed(outputs)):
+            local = [list(part) for part in out]
+            rebuild_block(run, back, local)
+            rebuild_block(run, back, running)
+            drift.append(
+                BlockDrift(run.index, _error(local, exact, owners), _error(running, exact, owners))
+            )
     return drift[::-1]

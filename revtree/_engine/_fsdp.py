@@ -19,12 +19,11 @@ it) is fine with either.
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
 
 import torch
 from torch import nn
 
-from ._errors import RevtreeError
+from .._errors import RevtreeError
 
 
 @cache
@@ -65,7 +64,7 @@ def is_unit(module: nn.Module) -> bool:
             "them. Hint: shard the blocks with torch.distributed.fsdp.fully_shard (FSDP2), "
             "or wrap the whole ReversibleSequence (or the model around it) instead."
         )
-    return bool(module._forward_pre_hooks) and isinstance(module, unit)
+    return isinstance(module, unit) and bool(module._forward_pre_hooks)
 
 
 def anchor(device: torch.device) -> torch.Tensor:
@@ -82,8 +81,3 @@ def release(carried: torch.Tensor, source: torch.Tensor) -> None:
     """Back-propagate from the unit's copy of the anchor to the anchor: its gradients go out."""
     if carried is not source and carried.grad_fn is not None:
         torch.autograd.backward([carried], [torch.zeros_like(carried)], inputs=[source])
-
-
-def unit_of(module: Any) -> bool:
-    """Whether any module in ``module``'s tree is an FSDP unit (FSDP1 wrappers raise)."""
-    return any(is_unit(m) for m in module.modules())

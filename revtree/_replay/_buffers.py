@@ -30,6 +30,9 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import nn
 
+from .._torch import buffer_slots, non_persistent_buffers
+from .._torch import version as _version
+
 # (a module's buffer dict, a name, the tensor in that slot, its version, a copy of its values)
 Entry = tuple[dict[str, Any], str, torch.Tensor, int, "torch.Tensor | None"]
 
@@ -56,20 +59,13 @@ class Policy:
         self._changes.setdefault(module, [None, None])[module.training] = changed
 
 
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor has no version counter (nor changes in place)
-        return -1
-
-
 class Snapshot:
     """The buffers of some modules as a call read them.
 
     Examples:
         >>> import torch
         >>> from torch import nn
-        >>> from revtree._buffers import Snapshot
+        >>> from revtree._replay._buffers import Snapshot
         >>> bn = nn.BatchNorm1d(2)
         >>> snapshot = Snapshot.take([bn], copy=True)
         >>> _ = bn(torch.randn(4, 2))  # the live statistics move
@@ -96,14 +92,14 @@ class Snapshot:
         Args:
             modules: Modules holding buffers.
             copy: Copy every buffer's values (``True``), none (``False``), or as a
-                [`Policy`][revtree._buffers.Policy] says: those of the modules that change
+                [`Policy`][revtree._replay._buffers.Policy] says: those of the modules that change
                 them, and of the modules it does not know yet (``settle`` teaches it).
         """
         entries: list[Entry] = []
         modules = list(modules)
         learning = []
         for module in modules:
-            slots = module._buffers
+            slots = buffer_slots(module)
             if isinstance(copy, bool):
                 copied = copy
             else:
@@ -141,8 +137,9 @@ class Snapshot:
             elif copy is not None and self.learning and not torch.equal(t, copy):
                 changed.add(id(slots))
         for module in self.modules:
-            if id(module._buffers) in changed or module in self.learning:
-                policy.learn(module, id(module._buffers) in changed)
+            slots = buffer_slots(module)
+            if id(slots) in changed or module in self.learning:
+                policy.learn(module, id(slots) in changed)
         return surprise
 
     @contextmanager
@@ -154,7 +151,7 @@ class Snapshot:
         live: list[tuple[dict[str, Any], str, Any]] = [
             (slots, name, slots.get(name)) for slots, name, _, _, _ in self.entries
         ]
-        names = [(m._buffers, list(m._buffers)) for m in self.modules]
+        names = [(buffer_slots(m), list(buffer_slots(m))) for m in self.modules]
         for slots, name, t, _, copy in self.entries:
             slots[name] = t if copy is None else copy.clone() if fresh else copy
         try:
@@ -175,19 +172,19 @@ def kept(module: nn.Module) -> Iterator[None]:
     Examples:
         >>> import torch
         >>> from torch import nn
-        >>> from revtree._buffers import kept
+        >>> from revtree._replay._buffers import kept
         >>> bn = nn.BatchNorm1d(2)
         >>> with kept(bn):
         ...     _ = bn(torch.randn(4, 2))
         >>> bn.num_batches_tracked.item(), bn.running_mean.tolist()
         (0, [0.0, 0.0])
     """
-    modules = [m for m in module.modules() if m._buffers]
-    non_persistent = [(m, set(m._non_persistent_buffers_set)) for m in modules]
+    modules = [m for m in module.modules() if buffer_slots(m)]
+    non_persistent = [(m, set(non_persistent_buffers(m))) for m in modules]
     try:
         with Snapshot.take(modules, copy=True).swapped(fresh=False):
             yield
     finally:
         for m, names in non_persistent:
-            m._non_persistent_buffers_set.clear()
-            m._non_persistent_buffers_set.update(names)
+            non_persistent_buffers(m).clear()
+            non_persistent_buffers(m).update(names)

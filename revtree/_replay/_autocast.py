@@ -23,7 +23,7 @@ class AutocastState:
 
     Examples:
         >>> import torch
-        >>> from revtree._autocast import AutocastState
+        >>> from revtree._replay._autocast import AutocastState
         >>> with torch.autocast("cpu", dtype=torch.bfloat16):
         ...     state = AutocastState.capture(("cpu",))
         >>> with state.replay():

@@ -3,11 +3,18 @@
 Dropout in a recomputed block must draw the masks it drew in the forward pass. As in
 ``torch.utils.checkpoint``, the default generator of the CPU and of every accelerator device
 that holds one of the call's tensors is captured before each call of ``f`` and ``g``, and
-set again for its recomputation (a state that equals the one captured before it is
-not kept twice). Device types are found from the tensors and their
-generators asked of ``torch.get_device_module``: CUDA, XPU, MPS or any other accelerator
-alike. Backward puts the generators back as it found them, so the global random stream
-continues where plain autograd leaves it. Nothing is ever reseeded.
+set again for its recomputation. A call that drew nothing keeps no state at all (its
+recomputation draws nothing either): a stack without dropout holds none. Device types are
+found from the tensors and their generators asked of ``torch.get_device_module``: CUDA,
+XPU, MPS or any other accelerator alike.
+
+A recomputation holds the process-wide generators only for its own duration: they are set
+to the forward call's state before it and put back right after, so backward leaves the
+random stream where plain autograd leaves it. Nothing is ever reseeded. Threads share the
+generators: every recorded call (its capture and its draws) and every recomputation that
+sets them hold one process-wide lock, ``LOCK``, so that two threads training reversible
+models never draw from each other's replayed state (a thread drawing outside revtree is
+not held back by it, as it is not by ``torch.utils.checkpoint``).
 
 A generator that ``f`` creates or holds itself (``torch.Generator()`` passed to
 ``torch.rand``) is not among these and is not replayed; nor is Python's ``random``.
@@ -15,12 +22,15 @@ A generator that ``f`` creates or holds itself (``torch.Generator()`` passed to
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 State = tuple[torch.Tensor, ...]
+
+LOCK = threading.RLock()  # held around recorded calls and recomputations that set the state
 
 
 class _ModuleGenerator:
@@ -56,7 +66,7 @@ class Generators:
 
     Examples:
         >>> import torch
-        >>> from revtree._rng import Generators
+        >>> from revtree._replay._rng import Generators
         >>> generators = Generators(())
         >>> state = generators.capture()
         >>> a = torch.rand(2)
@@ -75,21 +85,55 @@ class Generators:
         """The state of every generator."""
         return tuple(g.get_state() for g in self.generators)
 
-    def capture_since(self, previous: State | None) -> State:
-        """The state of every generator: ``previous`` itself if none has moved since.
-
-        Blocks that draw nothing then share one captured state, so a stack without dropout
-        holds one (the CPU generator's is 5 kB) rather than one per call.
-        """
-        state = self.capture()
-        if previous is not None and all(map(torch.equal, state, previous)):
-            return previous
-        return state
-
     def set(self, state: State) -> None:
         """Set every generator to ``state``."""
         for generator, s in zip(self.generators, state):
             generator.set_state(s)
+
+    def seed(self, seed: int) -> None:
+        """Seed every generator (not ``torch.manual_seed``, which queues CUDA's reseeding)."""
+        for generator in self.generators:
+            generator.manual_seed(seed)
+
+
+def same(a: State, b: State) -> bool:
+    """Whether two captured states are equal."""
+    return a is b or all(map(torch.equal, a, b))
+
+
+class Tracker:
+    """The forward pass's view of the generators: a state per call that draws, none otherwise.
+
+    ``before(record)`` captures the state a call starts from and, since nothing else draws
+    between two calls of one pass, settles the previous call: if the generators did not
+    move during it, it drew nothing, and its record keeps no state. ``flush`` settles the
+    last call.
+    """
+
+    __slots__ = ("generators", "last", "pending")
+
+    def __init__(self, generators: Generators) -> None:
+        self.generators = generators
+        self.last: State | None = None
+        self.pending: Any = None  # the record of the last call, not settled yet
+
+    def before(self, record: Any) -> None:
+        state = self.generators.capture()
+        self._settle(state)
+        self.last = state
+        record.rng = state
+        self.pending = record
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self._settle(self.generators.capture())
+
+    def _settle(self, now: State) -> None:
+        pending = self.pending
+        if pending is not None:
+            if same(now, pending.rng):
+                pending.rng = None  # it drew nothing: nothing to replay
+            self.pending = None
 
 
 _cache: dict[tuple[torch.device, ...], Generators] = {}

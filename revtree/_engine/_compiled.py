@@ -1,0 +1,555 @@
+"""The compiled engine (``compile=True``): a block forward and in reverse as compiled functions.
+
+Each is a pure function of the block's modules and tensors (parameters through
+``torch.func.functional_call``, gradients through ``torch.func.vjp``), compiled with
+``torch.compile(fullgraph=True)`` once per layout and keyword structure, and shared by every
+block: dynamo's guards decide whether a block's modules fit a graph already compiled, so
+blocks of one structure share one graph, and no call or block recompiles.
+
+It serves the classic block, ``(f, g)`` under an elementwise coupling (``Additive``,
+``Affine``). A block runs compiled once it has been trusted: its first forward and backward
+run on the eager engine, which checks everything it checks on every call, and learns what
+the compiled functions cannot do. What is learned is kept with the engine's other
+knowledge (``_learned``), keyed by the walks of ``f`` and ``g`` (so a block whose ``f`` is
+replaced, or that gains a submodule, is judged again) and by the input signature and
+training flags. A block stays on the eager engine, with a warning naming it and the reason,
+where its ``f`` or ``g``
+
+- draws random numbers (compiled code cannot replay the forward's draws in the recompute):
+  seen on its eager steps, and on every compiled forward after (the default generators are
+  compared around it), so that dropout switched on later sends it back to the eager engine
+  before its output is used;
+- changes its buffers, has hooks of its own, or reads tensors beyond its modules;
+- leaves a gradient ``None`` (a compiled gradient cannot tell ``None`` from zero);
+- or cannot be traced without a graph break.
+
+The recompute is exact as the eager one is: the same arithmetic on the same parameters, the
+forward's autocast state around the recomputed calls only.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch.func import functional_call, vjp
+
+from .._errors import RevtreeWarning
+from .._replay._autocast import AutocastState
+from .._replay._modes import modes_of, restore_modes, set_modes
+from .._replay._protocol import Record
+from .._replay._rng import same
+from ..couplings import Additive, Elementwise
+from ._run import BlockRun, Call
+from ._sink import Backward
+
+Leaves = list[torch.Tensor]
+Verdict = str | None  # why a block stays eager (None: it may run compiled)
+_EAGER_FIRST = "not yet seen on the eager engine"
+
+
+class Compiled:
+    """The compiled engine of one sequence (see the module's docstring)."""
+
+    __slots__ = ("_signatures", "_warned", "learned", "ran")
+
+    def __init__(self, learned: Any) -> None:
+        self.learned = learned
+        self._signatures: dict[tuple[Any, ...], int] = {}
+        self._warned: set[tuple[int, str]] = set()
+        self.ran: set[int] = set()  # the blocks that ran compiled in the last call
+
+    # ----------------------------------------------------------------- which blocks
+
+    def takes(self, run: BlockRun) -> bool:
+        """Whether the block is of the kind this engine compiles."""
+        program = run.program
+        return (
+            run.block.two_stream
+            and not run.unit
+            and len(program) == 2
+            and all(s.kind == "update" and not any(s.side) for s in program)
+            and isinstance(program[0].coupling, Elementwise)
+        )
+
+    def _key(self, run: BlockRun, call_or_back: Any) -> tuple[Any, ...]:
+        shared = run.shared
+        context = shared.context
+        x = shared.layout  # the layout's structure; shapes below
+        signature = (
+            x.spec,
+            context.spec,
+            tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in context.tensors),
+            shared.autocast,
+            run.program[0].coupling,
+            run.program[0].receives,
+            run.program[1].receives,
+        )
+        number = self._signatures.setdefault(signature, len(self._signatures))
+        walks = tuple(w.serial for w in run.walks)
+        return (walks, run.fns[0].training, run.fns[1].training, number, call_or_back)
+
+    def _verdict(self, key: tuple[Any, ...]) -> Verdict:
+        return self.learned.verdicts.get(key, _EAGER_FIRST)
+
+    def _judge(self, run: BlockRun, key: tuple[Any, ...], verdict: Verdict) -> None:
+        """Record whether the block may run compiled; warn once per block and reason."""
+        known = self.learned.verdicts.get(key, _EAGER_FIRST)
+        if known is not _EAGER_FIRST and known is not None:
+            return  # a reason to stay eager is kept
+        self.learned.verdicts[key] = verdict
+        if verdict is not None and (run.index, verdict) not in self._warned:
+            self._warned.add((run.index, verdict))
+            warnings.warn(
+                f"block {run.index} runs on the eager engine under compile=True: {verdict}. "
+                "Its gradients are exact either way; only its speed differs.",
+                RevtreeWarning,
+                stacklevel=8,
+            )
+
+    # ------------------------------------------------------------------------ forward
+
+    def forward(self, run: BlockRun, call: Call, state: list[Leaves], eager: Any) -> None:
+        """Block ``run`` forward: compiled if trusted, else ``eager(run, call, state)``, judged."""
+        key = self._key(run, x_signature(state))
+        verdict = self._verdict(key)
+        if verdict is None and self._run_forward(run, call, state, key):
+            self.ran.add(run.index)
+            return
+        generators = call.generators
+        before = generators.capture() if generators is not None else ()
+        eager(run, call, state)
+        if verdict is _EAGER_FIRST:
+            self._judge(run, key, _forward_verdict(run, call, before))
+
+    def _run_forward(
+        self, run: BlockRun, call: Call, state: list[Leaves], key: tuple[Any, ...]
+    ) -> bool:
+        tape = run.tape
+        walks = run.walks
+        records = []
+        for walk in walks:
+            record = Record()
+            record.params = [slots[name] for slots, name in walk.slots]
+            record.modes = modes_of(walk.modules)
+            tape.add_sources(record)
+            records.append(record)
+        pf, pg = (_params(w, r) for w, r in zip(walks, records))
+        kt, kother = _keywords(run, call.kwargs(True)[1])
+        generators = call.generators
+        before = generators.capture() if generators is not None else None
+        try:
+            forward, _ = self._functions_for(run)
+            y1, y2 = forward(run.fns[0], run.fns[1], pf, pg, state[0], state[1], kt, kother)
+        except Exception as e:  # dynamo could not trace it whole: eager from now on
+            self._judge(run, key, _untraceable(e))
+            return False
+        if generators is not None and before is not None:
+            after = generators.capture()
+            if not same(before, after):
+                # it draws random numbers now (dropout switched on since it was judged): its
+                # output is dropped, the generators put back, and the block runs eagerly
+                generators.set(before)
+                self._judge(run, key, _DRAWS)
+                return False
+        for j, record in enumerate(records):
+            run.records[j].append(record)
+        state[0], state[1] = y1, y2
+        run.compiled = True
+        return True
+
+    # ------------------------------------------------------------------------ reverse
+
+    def reverse(
+        self,
+        run: BlockRun,
+        back: Backward,
+        state: list[Leaves],
+        dstate: list[list[Any]],
+        eager: Any,
+    ) -> None:
+        """Block ``run`` in reverse: compiled if its forward ran so, else ``eager``, judged."""
+        modules, modes = _forward_modes(run)
+        flipped = set_modes(modules, modes)
+        try:
+            key = self._key(run, x_signature(state))
+            if run.compiled and len(modes) == len(modules):
+                if self._run_reverse(run, back, state, dstate, key):
+                    return
+        finally:
+            restore_modes(flipped)
+        eager(run, back, state, dstate)
+        if self._verdict(key) is None and not back.accumulate and not run.compiled:
+            # the compiled gradient cannot say None: trusted only where every one flowed
+            used = [p for j in range(2) for p in run.used(j)]
+            missing = any(g is None for part in dstate for g in part)
+            missing = missing or any(back.totals[p] is None for p in used)
+            if missing:
+                self._judge(
+                    run,
+                    key,
+                    "a gradient it passes on is None (an output or a parameter that does "
+                    "not reach the loss)",
+                )
+
+    def _run_reverse(
+        self,
+        run: BlockRun,
+        back: Backward,
+        state: list[Leaves],
+        dstate: list[list[Any]],
+        key: tuple[Any, ...],
+    ) -> bool:
+        if back.accumulate or any(g is None for part in dstate for g in part):
+            return False  # hooks watch the recomputation, or an output reaches nothing: eager
+        handles = back.handles
+        pf, pg = (_handles(w, run.records[j][0], handles) for j, w in enumerate(run.walks))
+        kt, kother = _keywords(run, back.keywords)
+        try:
+            _, reverse = self._functions_for(run)
+            y1, y2 = [t.detach() for t in state[0]], [t.detach() for t in state[1]]
+            out = reverse(run.fns[0], run.fns[1], *pf, *pg, y1, y2, *dstate, kt, kother)
+        except Exception as e:
+            self._judge(run, key, _untraceable(e))
+            return False
+        x1, x2, dx1, dx2, dpf, dpg, dkt = out
+        for j, grads in enumerate((dpf, dpg)):
+            record = run.records[j][0]
+            for p, name in zip(record.positions, run.walks[j].names):
+                if p >= 0:
+                    back.add(p, grads[name])
+        totals = back.kw_totals
+        for k, g in zip(back.kw_wanted, dkt):
+            if g is not None:
+                totals[k] = g if totals[k] is None else totals[k] + g
+        state[0], state[1] = list(x1), list(x2)
+        dstate[0], dstate[1] = list(dx1), list(dx2)
+        return True
+
+    # ---------------------------------------------------------------------- functions
+
+    def _functions_for(self, run: BlockRun) -> tuple[Any, Any]:
+        shared = run.shared
+        context = shared.context
+        spec_f, spec_g = run.program
+        coupling = spec_f.coupling
+        assert isinstance(coupling, Elementwise)
+        additive = isinstance(coupling, Additive) and type(coupling).combine is Additive.combine
+        layout = shared.layout
+        rest = (
+            additive,
+            layout.specs[0],
+            _update_spec(layout, coupling.arity),
+            context.spec,
+            context.positions,
+            tuple(context.receiving(spec_f.receives[0])),
+            tuple(context.receiving(spec_g.receives[0])),
+            context.keys,
+            tuple(t.requires_grad for t in context.tensors),
+            shared.autocast,
+        )
+        lookup = (_value(coupling), *rest)
+        functions = _FUNCTIONS.get(lookup)
+        if functions is None:
+            functions = _FUNCTIONS[lookup] = _build((coupling, *rest))
+        return functions
+
+
+_DRAWS = "it draws random numbers (dropout)"
+
+# the compiled functions of every sequence, by coupling, layout and keyword structure: two
+# sequences of one layout (or one rebuilt, copied or loaded) share them, and their graphs
+_FUNCTIONS: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+
+def x_signature(state: list[Leaves]) -> tuple[Any, ...]:
+    return tuple((t.shape, t.dtype, t.device) for t in state[0])
+
+
+def _update_spec(layout: Any, arity: int) -> Any:
+    from ._steps import _update_spec as update_spec
+
+    return update_spec(layout, 0, arity)
+
+
+def _value(coupling: Elementwise) -> Any:
+    """A coupling as a key: its type and settings, else the object itself.
+
+    Settings that are plain values make ``Affine(2.0)`` and a copy of it one key.
+    """
+    settings = vars(coupling)
+    if all(isinstance(v, (bool, int, float, str, type(None))) for v in settings.values()):
+        return type(coupling), tuple(sorted(settings.items()))
+    return coupling
+
+
+# ---------------------------------------------------------------------------- verdicts
+
+
+def _forward_verdict(run: BlockRun, call: Call, before: tuple[torch.Tensor, ...]) -> Verdict:
+    """Why the block's forward, just run eagerly, cannot run compiled (``None``: it can)."""
+    generators = call.generators
+    if generators is not None and not same(before, generators.capture()):
+        return _DRAWS
+    policy = call.policy
+    if any(policy.changes(m) for walk in run.walks for m in walk.buffered):
+        return "it changes its buffers (running statistics)"
+    from .. import _torch
+
+    if any(_torch.has_module_hooks(m) for walk in run.walks for m in walk.modules):
+        return "it has hooks of its own"
+    if any(walk.open for walk in run.walks):
+        return "it reads tensors beyond its modules (a closure, a plain attribute)"
+    return None
+
+
+def _untraceable(error: Exception) -> str:
+    reason = str(error).strip().split("\n", 1)[0][:200]
+    return f"torch.compile cannot trace it whole ({type(error).__name__}: {reason})"
+
+
+# ------------------------------------------------------------------------ tensors in
+
+
+def _params(walk: Any, record: Record) -> dict[str, torch.Tensor]:
+    return dict(zip(walk.names, record.params))
+
+
+def _handles(
+    walk: Any, record: Record, handles: Leaves
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The parameters to differentiate (by name) and the others, for the recompute.
+
+    The compiled reverse runs without autograd (inside the node's backward): the
+    transforms inside it differentiate, whatever ``requires_grad`` says.
+    """
+    wanted, fixed = {}, {}
+    for t, p, name in zip(record.params, record.positions, walk.names):
+        if p >= 0:
+            wanted[name] = handles[p]
+        else:
+            fixed[name] = t
+    return wanted, fixed
+
+
+def _forward_modes(run: BlockRun) -> tuple[list[Any], list[bool]]:
+    """The modules of ``f`` and ``g`` and the training flags their first calls found.
+
+    The flags come back shorter than the modules where one module was found in two modes
+    (``f`` switched it for ``g``): no single setting replays both calls then.
+    """
+    found: dict[int, tuple[Any, bool]] = {}
+    for j, walk in enumerate(run.walks):
+        if not run.records[j]:
+            continue
+        for m, mode in zip(walk.modules, run.records[j][0].modes):
+            seen = found.setdefault(id(m), (m, mode))
+            if seen[1] is not mode:
+                return [m for m, _ in found.values()], []
+    return [m for m, _ in found.values()], [mode for _, mode in found.values()]
+
+
+def _keywords(run: BlockRun, tensors: Leaves) -> tuple[Leaves, list[Any]]:
+    """The keyword tensors (detached) and every leaf of the keyword arguments."""
+    context = run.shared.context
+    return [t.detach() for t in tensors], list(context.leaves)
+
+
+# ---------------------------------------------------------------------- the functions
+
+
+def _build(key: tuple[Any, ...]) -> tuple[Any, Any]:
+    """The compiled forward and reverse of a block, for one layout and keyword structure."""
+    (
+        coupling,
+        additive,
+        spec,
+        update_spec,
+        kw_spec,
+        positions,
+        recv_f,
+        recv_g,
+        keys,
+        needs,
+        autocast,
+    ) = key
+    wanted = [i for i, need in enumerate(needs) if need]
+    to_f, to_g = bool(recv_f), bool(recv_g)
+    names_f = frozenset(keys[i] for i in recv_f)
+    names_g = frozenset(keys[i] for i in recv_g)
+
+    # dynamo traces no optree structure built outside it: the trees are rebuilt and read
+    # by plain Python along a template (supported: dicts, lists, tuples, named tuples)
+    stream, updates = _template(spec), _template(update_spec)
+    keywords = _template(kw_spec)
+
+    def tree(leaves: Leaves) -> Any:
+        return _unflatten(stream, leaves)
+
+    def leaves_of(out: Any) -> Leaves:  # what f or g returned: arity trees like the stream
+        found: list[Any] = [None] * update_spec.num_leaves
+        _flatten_like(updates, out, found)
+        return found
+
+    def kwargs(tensors: Leaves, others: list[Any], names: frozenset) -> dict[str, Any]:
+        leaves = list(others)
+        for i, t in zip(positions, tensors):
+            leaves[i] = t
+        full = _unflatten(keywords, leaves)
+        return {k: v for k, v in full.items() if k in names}
+
+    def combine(x: Leaves, u: Leaves) -> Leaves:
+        n = len(x)
+        return [coupling.combine(a, *u[i::n]) for i, a in enumerate(x)]
+
+    def uncombine(y: Leaves, u: Leaves) -> Leaves:
+        n = len(y)
+        return [coupling.uncombine(b, *u[i::n]) for i, b in enumerate(y)]
+
+    def forward(f, g, pf, pg, x1, x2, kt, kother):
+        kw_f = kwargs(kt, kother, names_f) if to_f else {}
+        fu = leaves_of(functional_call(f, pf, (tree(x2),), kw_f))
+        y1 = combine(x1, fu)
+        kw_g = kwargs(kt, kother, names_g) if to_g else {}
+        gu = leaves_of(functional_call(g, pg, (tree(y1),), kw_g))
+        return y1, combine(x2, gu)
+
+    def half(fn, wanted_p, fixed_p, x_in, y_self, dy_self, kt, kother, routed, names):
+        """One function of the block in reverse: rebuild its stream, back-propagate."""
+
+        def call(p, xs, k):
+            kw = kwargs(k, kother, names) if routed else {}
+            return functional_call(fn, {**fixed_p, **p}, (tree(xs),), kw)
+
+        def run(p, xs, ks):
+            k = list(kt)
+            for i, t in zip(wanted, ks):
+                k[i] = t
+            return leaves_of(_with_autocast(autocast, call, p, xs, k))
+
+        ks = [kt[i] for i in wanted] if routed else []
+        u, pull = vjp(run, wanted_p, x_in, ks)
+        x_self = uncombine(y_self, u)
+        if additive:
+            du = [_like(d, v) for d, v in zip(dy_self, u)]
+            dx_self = list(dy_self)
+        else:
+            _, pull_c = vjp(lambda xs, us: _with_autocast(autocast, combine, xs, us), x_self, u)
+            dx_self, du = pull_c(list(dy_self))
+        dp, dx_in, dks = pull(du)
+        return x_self, dx_self, dx_in, dp, dks
+
+    def reverse(f, g, pf, ff, pg, fg, y1, y2, dy1, dy2, kt, kother):
+        x2, dx2, dx1_g, dpg, dk_g = half(g, pg, fg, y1, y2, dy2, kt, kother, to_g, names_g)
+        dx1 = [a + b for a, b in zip(dy1, dx1_g)]
+        x1, dx1, dx2_f, dpf, dk_f = half(f, pf, ff, x2, y1, dx1, kt, kother, to_f, names_f)
+        dx2 = [a + b for a, b in zip(dx2, dx2_f)]
+        dk = []
+        for n, i in enumerate(wanted):  # None where neither f nor g receives the keyword
+            found = [d[n] for d, recv in ((dk_f, recv_f), (dk_g, recv_g)) if d and i in recv]
+            dk.append(found[0] + found[1] if len(found) == 2 else found[0] if found else None)
+        return x1, x2, dx1, dx2, dpf, dpg, dk
+
+    compile_ = torch.compile(fullgraph=True, dynamic=False)
+    return compile_(_own_code(forward)), compile_(_own_code(reverse))
+
+
+def _own_code(fn: Any) -> Any:
+    """``fn`` with a code object of its own.
+
+    Dynamo keeps its graphs, and counts recompilations against its limit, per code object:
+    each layout's functions get their own, so that sequences of different layouts (and the
+    block structures within each) do not share the limit.
+    """
+    return types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+
+
+class _Leaf:
+    """Where leaf ``i`` of a tree sits, in a template of the tree's structure."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+
+_NODES = (dict, list, tuple)
+
+
+def _template(spec: Any) -> Any:
+    """A tree of the structure ``spec`` with a ``_Leaf`` marker for each leaf.
+
+    Raises ``TypeError`` for a node the plain-Python rebuild cannot make (a custom node).
+    """
+    template = spec.unflatten([_Leaf(i) for i in range(spec.num_leaves)])
+
+    def check(node: Any) -> None:
+        if isinstance(node, _Leaf) or node is None:
+            return
+        if type(node) not in (dict, OrderedDict, list, tuple) and not _is_namedtuple(node):
+            raise TypeError(f"a {type(node).__name__} node")
+        for child in node.values() if isinstance(node, dict) else node:
+            check(child)
+
+    check(template)
+    return template
+
+
+def _is_namedtuple(node: Any) -> bool:
+    return isinstance(node, tuple) and hasattr(node, "_fields")
+
+
+def _unflatten(template: Any, leaves: Leaves) -> Any:
+    if isinstance(template, _Leaf):
+        return leaves[template.i]
+    if template is None:
+        return None
+    if isinstance(template, dict):
+        return type(template)((k, _unflatten(v, leaves)) for k, v in template.items())
+    children = [_unflatten(c, leaves) for c in template]
+    if isinstance(template, list):
+        return children
+    if _is_namedtuple(template):
+        return type(template)(*children)
+    return tuple(children)
+
+
+def _flatten_like(template: Any, tree: Any, found: Leaves) -> None:
+    """The leaves of ``tree``, read along ``template`` (mappings by key, as optree reads them)."""
+    if isinstance(template, _Leaf):
+        found[template.i] = tree
+    elif isinstance(template, dict):
+        for k, v in template.items():
+            _flatten_like(v, tree[k], found)
+    elif template is not None:
+        for i, v in enumerate(template):
+            _flatten_like(v, tree[i], found)
+
+
+def _like(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``grad`` reduced to ``out``'s shape and cast to its dtype, as autograd would."""
+    if grad.shape != out.shape:
+        grad = grad.sum_to_size(out.shape)
+    return grad.to(out.dtype)
+
+
+def _with_autocast(state: AutocastState | None, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a captured autocast state, with ``with`` statements dynamo can trace."""
+    settings = () if state is None else state.settings
+    cache = True if state is None else state.cache_enabled
+    if not settings:
+        return fn(*args)
+    (t0, on0, dt0), rest = settings[0], settings[1:]
+    with torch.autocast(t0, dtype=dt0, enabled=on0, cache_enabled=cache):
+        if not rest:
+            return fn(*args)
+        (t1, on1, dt1), *more = rest
+        if more:
+            raise TypeError("autocast on more than two device types")
+        with torch.autocast(t1, dtype=dt1, enabled=on1, cache_enabled=cache):
+            return fn(*args)

@@ -1,0 +1,201 @@
+"""Where the gradients of one node's backward go: chosen once per backward.
+
+Each source (a tensor the forward read that needs a gradient: a parameter, what
+``functional_call`` put in its slot, an external) has a *handle*: the tensor its slot
+holds in the recomputation, whose gradient the engine computes.
+
+- **capture** (the default): the handle is the source itself; the engine asks autograd
+  for its gradient and returns it through the node, so a parameter's hooks fire once, on
+  the total, and ``torch.autograd.grad`` writes no ``.grad``. A source with tensor hooks,
+  or one a ``functional_call`` put in a slot for the forward only, gets a detached alias
+  instead.
+- **accumulate**: where hooks on the modules may ask the engine about the recomputation's
+  inputs (``FlopCounterMode`` and other module trackers ask whether their nodes will run,
+  which ``torch.autograd.grad`` cannot say of a leaf), every handle is an alias and the
+  engine accumulates into their ``.grad``, then returns those.
+- **open**: where FSDP manages parameters of a block, the engine accumulates into every
+  leaf the recomputation reaches: the aliases, and the parameters FSDP gathered, whose
+  gradients it reduce-scatters itself (see ``_fsdp``).
+
+Keyword tensors that need a gradient get detached aliases; their gradients are returned
+through the node too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.overrides import has_torch_function
+
+from .. import _checks, _torch
+from .._replay._autocast import NOTHING
+from .._replay._rng import Generators
+
+Leaves = list[torch.Tensor]
+
+
+class Backward:
+    """What the recomputations of one node's backward share, and where their gradients go."""
+
+    __slots__ = (
+        "accumulate",
+        "autocast",
+        "externals",
+        "generators",
+        "handles",
+        "keywords",
+        "kw_totals",
+        "kw_wanted",
+        "kwargs",
+        "open",
+        "plain",
+        "totals",
+    )
+
+    def __init__(
+        self,
+        tape: Any,
+        keywords_need: Sequence[bool],
+        accumulate: bool = False,
+        open: bool = False,
+    ) -> None:
+        shared = tape.shared
+        sources = tape.sources
+        self.open = open
+        self.accumulate = accumulate = accumulate or open
+        # externals are read where no slot can swap in an alias: their handle is themselves
+        # (in accumulate mode their gradients are asked of autograd apart)
+        self.externals: frozenset[int] = tape.externals
+        self.handles = [
+            t
+            if p in self.externals
+            or not (accumulate or not t.is_leaf or _torch.has_tensor_hooks(t))
+            else t.detach().requires_grad_()
+            for p, t in enumerate(sources)
+        ]
+        self.totals: list[Any] = [None] * len(sources)
+        context = shared.context
+        tensors = context.tensors
+        self.keywords = [
+            t.detach().requires_grad_() if need else t for t, need in zip(tensors, keywords_need)
+        ]
+        self.kw_wanted = [k for k, need in enumerate(keywords_need) if need]
+        self.kw_totals: list[Any] = [None] * len(tensors)
+        self.kwargs = context.rebuild(self.keywords)
+        state = shared.autocast
+        self.autocast: Any = NOTHING if state is None or state.is_current else state.replay()
+        self.generators: Generators | None = shared.generators
+        wanted = [self.keywords[k] for k in self.kw_wanted]
+        self.plain = not (has_torch_function(self.handles) or has_torch_function(wanted))
+
+    def keyword_positions(self, receiving: list[int]) -> list[int]:
+        """Of the keyword tensors a function receives, those whose gradient is wanted."""
+        wanted = self.kw_wanted
+        return [k for k in receiving if k in wanted] if wanted else []
+
+    def vjp(
+        self,
+        outputs: Leaves,
+        grads: Sequence[Any],
+        leaves: Leaves,
+        positions: list[int],
+        keywords: list[int],
+        where: tuple[int, str] = (-1, "f"),
+    ) -> list[Any]:
+        """Back-propagate ``grads`` from ``outputs``; return the gradients of ``leaves``.
+
+        The gradients of the sources at ``positions`` and of the keyword tensors at
+        ``keywords`` are kept for the node to return; ``None`` where none flows. ``where``
+        (block index, function) locates an error.
+        """
+        try:
+            return self._vjp(outputs, grads, leaves, positions, keywords)
+        except RuntimeError as e:
+            if "use_reentrant=True" in str(e):
+                _checks.reentrant_checkpoint(*where)
+            raise
+
+    def _vjp(
+        self,
+        outputs: Leaves,
+        grads: Sequence[Any],
+        leaves: Leaves,
+        positions: list[int],
+        keywords: list[int],
+    ) -> list[Any]:
+        kept, kept_grads = _grad_outputs(outputs, grads)
+        if not kept:
+            return [None] * len(leaves)
+        handles = self.handles
+        kw = [self.keywords[k] for k in keywords]
+        n, m = len(leaves), len(positions)
+        if self.open:
+            _torch.run_backward(kept, kept_grads, (), True)
+            return [t.grad for t in leaves]
+        if self.accumulate:
+            external = [p for p in positions if p in self.externals]
+            if external:  # read where no alias could go: asked apart, the graph kept
+                found = torch.autograd.grad(
+                    kept,
+                    [handles[p] for p in external],
+                    kept_grads,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                self._add(external, found)
+                positions = [p for p in positions if p not in external]
+            inputs = (*leaves, *(handles[p] for p in positions), *kw)
+            _torch.run_backward(kept, kept_grads, inputs, True)
+            return [t.grad for t in leaves]
+        inputs = (*leaves, *(handles[p] for p in positions), *kw)
+        if self.plain:
+            out = _torch.run_backward(kept, kept_grads, inputs, False)
+        else:
+            out = torch.autograd.grad(kept, inputs, kept_grads, allow_unused=True)
+        self._add(positions, out[n : n + m])
+        if keywords:
+            totals = self.kw_totals
+            for k, g in zip(keywords, out[n + m :]):
+                if g is not None:
+                    totals[k] = g if totals[k] is None else totals[k] + g
+        return list(out[:n])
+
+    def _add(self, positions: Sequence[int], grads: Sequence[Any]) -> None:
+        totals = self.totals
+        for p, g in zip(positions, grads):
+            if g is not None:
+                totals[p] = g if totals[p] is None else totals[p] + g
+
+    def add(self, position: int, grad: Any) -> None:
+        """Add a gradient computed elsewhere (the compiled engine) to source ``position``."""
+        self._add((position,), (grad,))
+
+    def source_grads(self) -> list[Any]:
+        """The gradient of each source (``None`` where none reached it)."""
+        if self.accumulate:
+            externals, totals = self.externals, self.totals
+            return [totals[p] if p in externals else h.grad for p, h in enumerate(self.handles)]
+        return self.totals
+
+    def keyword_grads(self) -> list[Any]:
+        """The gradient of each keyword tensor (``None`` where not wanted or none flowed)."""
+        if self.accumulate:
+            wanted = set(self.kw_wanted)
+            return [kw.grad if k in wanted else None for k, kw in enumerate(self.keywords)]
+        return self.kw_totals
+
+
+def _grad_outputs(outputs: Leaves, grads: Sequence[Any]) -> tuple[Leaves, Leaves]:
+    """Pair each output that requires grad with its gradient, cast and reduced as autograd would."""
+    kept, kept_grads = [], []
+    for out, grad in zip(outputs, grads):
+        if grad is not None and isinstance(out, torch.Tensor) and out.requires_grad:
+            if grad.shape != out.shape:  # the output was broadcast when combined
+                grad = grad.sum_to_size(out.shape)
+            if grad.dtype != out.dtype:  # autocast: combining promoted a lower precision
+                grad = grad.to(out.dtype)
+            kept.append(out)
+            kept_grads.append(grad)
+    return kept, kept_grads

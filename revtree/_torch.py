@@ -1,0 +1,194 @@
+"""Every private torch API revtree uses, behind one named function each.
+
+A torch upgrade is this file to read. Where torch has a public way, it is the fallback;
+where a private attribute is missing in some release, the function says what it assumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def version(t: torch.Tensor) -> int:
+    """The version counter of ``t`` (``-1`` for an inference tensor, which has none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def versions(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """The version counters of ``tensors`` (``-1`` for inference tensors)."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:
+        return [version(t) for t in tensors]
+
+
+def has_tensor_hooks(t: torch.Tensor) -> bool:
+    """Whether ``t`` carries hooks of its own (``register_hook``)."""
+    return bool(t._backward_hooks)
+
+
+def has_post_accumulate_hooks(t: torch.Tensor) -> bool:
+    """Whether ``t`` carries post-accumulate-grad hooks (an optimizer applied in backward)."""
+    return bool(getattr(t, "_post_accumulate_grad_hooks", None))
+
+
+def sequence_number(node: Any) -> int:
+    """The creation order of an autograd node (per thread, increasing)."""
+    return node._sequence_nr()
+
+
+def next_sequence_number() -> int:
+    """A sequence number no node created before this call has (the next one to be given)."""
+    with torch.enable_grad():
+        probe = torch.zeros((), requires_grad=True).view(())
+    return sequence_number(probe.grad_fn) + 1
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def parameter_slots(m: nn.Module) -> dict[str, Any]:
+    """The dict a module keeps its parameters in (written directly to swap tensors in)."""
+    return m._parameters
+
+
+def buffer_slots(m: nn.Module) -> dict[str, Any]:
+    """The dict a module keeps its buffers in."""
+    return m._buffers
+
+
+def children(m: nn.Module) -> dict[str, Any]:
+    """The dict a module keeps its submodules in."""
+    return m._modules
+
+
+def non_persistent_buffers(m: nn.Module) -> set[str]:
+    """The names of a module's buffers that its state dict leaves out."""
+    return m._non_persistent_buffers_set
+
+
+def has_module_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` itself carries forward or backward hooks."""
+    return bool(
+        m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
+    )
+
+
+def has_global_module_hooks() -> bool:
+    """Whether hooks on every module are registered (a profiler's module tracker)."""
+    return bool(
+        _module._global_forward_pre_hooks
+        or _module._global_forward_hooks
+        or _module._global_backward_pre_hooks
+        or _module._global_backward_hooks
+    )
+
+
+def on_registration(hook: Any, kind: str) -> None:
+    """Call ``hook(module, name, value)`` whenever any module registers a ``kind``.
+
+    ``kind`` is ``"module"``, ``"parameter"`` or ``"buffer"`` (public since torch 2.0).
+    """
+    register = getattr(_module, f"register_module_{kind}_registration_hook")
+    register(hook)
+
+
+@contextmanager
+def parametrizations_uncached() -> Iterator[None]:
+    """Inside, parametrized tensors are computed at each access, even under ``cached()``.
+
+    ``torch.nn.utils.parametrize.cached()`` keeps the first value computed; computed in a
+    forward pass under ``no_grad`` it carries no graph, and a recomputation reading it
+    would give the originals no gradient.
+    """
+    from torch.nn.utils import parametrize
+
+    enabled = parametrize._cache_enabled
+    if not enabled:
+        yield
+        return
+    parametrize._cache_enabled = 0
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled = enabled
+
+
+def parametrizations_cached() -> bool:
+    """Whether ``torch.nn.utils.parametrize.cached()`` is in force."""
+    from torch.nn.utils import parametrize
+
+    return bool(parametrize._cache_enabled)
+
+
+# ---------------------------------------------------------------------------- autograd
+
+
+def set_grad_enabled(mode: bool) -> None:
+    """Set grad mode without a context object (the engine's hot path)."""
+    torch._C._set_grad_enabled(mode)
+
+
+_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+
+
+def run_backward(
+    outputs: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    accumulate: bool,
+) -> Sequence[Any]:
+    """Back-propagate ``grads`` from ``outputs`` into ``inputs``; their gradients (or ``()``).
+
+    ``accumulate``: add into ``.grad`` of ``inputs`` (of every leaf reached, with no
+    ``inputs``) instead of returning. As ``torch.autograd.grad``/``backward`` run it,
+    without their Python wrappers, which re-validate every output and input.
+    """
+    if _ENGINE is not None:
+        # (outputs, grad_outputs, retain_graph, create_graph, inputs, allow_unused, accumulate)
+        return _ENGINE.run_backward(
+            tuple(outputs), tuple(grads), False, False, tuple(inputs), True, accumulate
+        )
+    if accumulate:
+        torch.autograd.backward(outputs, grads, inputs=list(inputs) or None)
+        return ()
+    return torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+
+
+def saved_tensors_hooks_enabled() -> bool:
+    """Whether saved-tensor hooks may be pushed here (some contexts disable them)."""
+    check = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+    return True if check is None else bool(check())
+
+
+# ------------------------------------------------------------------------ transforms
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``vjp``, ``jacrev``) is running."""
+    return bool(torch._C._are_functorch_transforms_active())
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level (``torch.autograd.forward_ad.dual_level``) is open."""
+    from torch.autograd import forward_ad
+
+    return forward_ad._current_level >= 0
+
+
+def has_tangent(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a dual tensor of the open forward-mode AD level."""
+    from torch.autograd import forward_ad
+
+    return forward_ad.unpack_dual(t).tangent is not None

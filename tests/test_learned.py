@@ -1,0 +1,298 @@
+"""What the engine learns about a block is kept by identity: changes between steps take effect.
+
+Each case once gave a wrong gradient without a word: the engine kept what it had learned
+by block position. Every reference is the plain coupling written out with ordinary
+autograd on the same modules, in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+
+import pytest
+import torch
+from helpers import assert_trees_close
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import orthogonal, weight_norm
+
+import revtree
+
+D = torch.float64
+MODES = ["backward", "grad"]
+
+
+def plain(blocks, x, **kwargs):
+    x1, x2 = x.chunk(2, -1)
+    for f, g in blocks:
+        x1 = x1 + f(x2, **kwargs)
+        x2 = x2 + g(x1)
+    return torch.cat((x1, x2), -1)
+
+
+def grads(loss, sources, mode):
+    if mode == "grad":
+        return list(torch.autograd.grad(loss, sources, allow_unused=True))
+    for s in sources:
+        s.grad = None
+    loss.backward()
+    out = [s.grad for s in sources]
+    for s in sources:
+        s.grad = None
+    return out
+
+
+def x_(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=D).requires_grad_()
+
+
+def lin(width=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(width, width, dtype=D)
+
+
+def weights(y):
+    return (y * torch.linspace(-1, 1, y.shape[-1], dtype=D)).sum()
+
+
+class Reads(nn.Module):
+    """Reads another module's weight through a plain attribute (tied by reference)."""
+
+    def __init__(self, other: nn.Linear) -> None:
+        super().__init__()
+        self.own = lin(seed=5)
+        self.__dict__["other"] = other  # not registered: not a submodule of this one
+
+    def forward(self, x):
+        return torch.tanh(self.own(x) + x @ self.other.weight.T)
+
+
+def _tied(kind: str, reader_first: bool):
+    """Blocks where one block's function reads another block's parameter by reference."""
+    owner = lin(seed=1)
+    if kind == "attribute":
+        reader: nn.Module = Reads(owner)
+    else:
+        weight = owner.weight
+
+        def reader(x):
+            return torch.tanh(x @ weight.T)
+
+    pairs = [(owner, lin(seed=2)), (reader, lin(seed=3))]
+    return pairs[::-1] if reader_first else pairs, owner
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reader_first", [False, True])
+@pytest.mark.parametrize("kind", ["attribute", "closure"])
+def test_a_parameter_read_by_another_block_by_reference_gets_both_shares(kind, reader_first, mode):
+    blocks, owner = _tied(kind, reader_first)
+    seq = revtree.ReversibleSequence(blocks)
+    x = x_(4, 6)
+    sources = [x, owner.weight, *seq.parameters()]
+    got = grads(weights(seq(x)), sources, mode)
+    ref_blocks, ref_owner = _tied(kind, reader_first)  # the same modules, built again
+    ref_seq = revtree.ReversibleSequence(ref_blocks)
+    expected = grads(
+        weights(plain(ref_blocks, x)), [x, ref_owner.weight, *ref_seq.parameters()], mode
+    )
+    assert_trees_close(got, expected)
+    got = grads(weights(seq(x)), sources, mode)  # the second step: the same
+    assert_trees_close(got, expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("make", [orthogonal, weight_norm], ids=["orthogonal", "weight_norm"])
+def test_a_parametrized_module_under_parametrize_cached(make, mode):
+    """One parametrized module shared by all blocks, forward and backward in cached()."""
+    shared = make(lin(seed=1))
+    blocks = [(shared, lin(seed=2 + i)) for i in range(3)]
+    seq = revtree.ReversibleSequence(blocks)
+    x = x_(4, 6)
+    originals = [p for name, p in shared.named_parameters() if "original" in name]
+    sources = [x, *originals, *seq.parameters()]
+    with parametrize.cached():
+        got = grads(weights(seq(x)), sources, mode)
+    with parametrize.cached():
+        expected = grads(weights(plain(blocks, x)), sources, mode)
+    assert all(g is not None for g in got[1 : 1 + len(originals)])
+    assert_trees_close(got, expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_function_replaced_by_one_closing_over_a_tensor_that_needs_a_gradient(mode):
+    blocks = [(lin(seed=1), lin(seed=2)), (lin(seed=3), lin(seed=4))]
+    seq = revtree.ReversibleSequence(blocks)
+    x = x_(4, 6)
+    weights(seq(x)).backward()  # learned: block 0's f reads its parameters only
+    scale = torch.full((3,), 0.5, dtype=D, requires_grad=True)
+    seq.blocks[0].f = revtree.Fn(lambda t: torch.tanh(t * scale))
+    got = grads(weights(seq(x)), [x, scale], mode)
+    ref = [(lambda t: torch.tanh(t * scale), blocks[0][1]), blocks[1]]
+    expected = grads(weights(plain(ref, x)), [x, scale], mode)
+    assert got[1] is not None
+    assert_trees_close(got, expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_submodule_added_between_steps_is_walked_again(mode):
+    f = nn.Sequential(lin(seed=1), nn.Tanh())
+    blocks = [(f, lin(seed=2))]
+    seq = revtree.ReversibleSequence(blocks)
+    x = x_(4, 6)
+    weights(seq(x)).backward()
+    f.append(lin(seed=3))  # a new parameter the old walk does not know
+    extra = list(f[2].parameters())
+    got = grads(weights(seq(x)), [x, *extra], mode)
+    expected = grads(weights(plain(blocks, x)), [x, *extra], mode)
+    assert all(g is not None for g in got)
+    assert_trees_close(got, expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_parametrization_registered_between_steps(mode):
+    f = lin(seed=1)
+    blocks = [(f, lin(seed=2))]
+    seq = revtree.ReversibleSequence(blocks)
+    x = x_(4, 6)
+    weights(seq(x)).backward()
+    orthogonal(f)  # weight becomes parametrizations.weight.original
+    original = f.parametrizations.weight.original
+    got = grads(weights(seq(x)), [x, original], mode)
+    expected = grads(weights(plain(blocks, x)), [x, original], mode)
+    assert got[1] is not None
+    assert_trees_close(got, expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_tensor_created_inside_f_with_requires_grad_is_accepted(mode):
+    """An auxiliary loss started as a fresh leaf (routing-transformer) is plain autograd's."""
+
+    class Aux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin(seed=1)
+
+        def forward(self, x):
+            total = torch.tensor(0.0, dtype=D, requires_grad=True)  # a fresh leaf
+            total = total + self.lin(x).square().mean()
+            return torch.tanh(self.lin(x)) * (1 + 0.0 * total)
+
+    blocks = [(Aux(), lin(seed=2)), (Aux(), lin(seed=3))]
+    seq = revtree.ReversibleSequence(blocks)
+    x = x_(4, 6)
+    params = list(seq.parameters())
+    for _ in range(2):
+        got = grads(weights(seq(x)), [x, *params], mode)
+        assert_trees_close(got, grads(weights(plain(blocks, x)), [x, *params], mode))
+
+
+def test_a_keyword_tensor_copy_lives_no_longer_than_the_forward():
+    from revtree._saved import held_after_forward
+
+    class UsesMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin(seed=1)
+
+        def forward(self, x, mask):
+            return torch.tanh(self.lin(x)) * mask[: x.shape[0], :1]
+
+    mask = torch.ones(1024, 1024, dtype=torch.float32)  # 4 MB, needs no gradient
+    seq = revtree.ReversibleSequence([(UsesMask(), lin(seed=2)) for _ in range(3)])
+    x = x_(4, 6)
+    seq(x, mask=mask)
+    held, y = held_after_forward(lambda: seq(x, mask=mask))
+    assert held == x.numel() * x.element_size()  # the output, not the mask's copy
+    y.sum().backward()
+
+
+# ------------------------------------------------------------------- compiled engine
+
+
+def _dropout_mlp(p, seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 3, dtype=D), nn.Tanh(), nn.Dropout(p))
+
+
+def _compiled_step(seq, blocks, x, seed):
+    torch.manual_seed(seed)
+    got = torch.autograd.grad(weights(seq(x)), [x, *seq.parameters()])
+    torch.manual_seed(seed)
+    expected = torch.autograd.grad(weights(plain(blocks, x)), [x, *seq.parameters()])
+    assert_trees_close(list(got), list(expected))
+
+
+def test_compiled_dropout_switched_on_after_the_block_was_trusted():
+    blocks = [(_dropout_mlp(0.0, i), _dropout_mlp(0.0, 10 + i)) for i in range(2)]
+    seq = revtree.ReversibleSequence(blocks, compile=True)
+    x = x_(4, 6)
+    for step in range(3):  # eager, then compiled and trusted
+        _compiled_step(seq, blocks, x, step)
+    assert seq._compiled_engine.ran == {0, 1}
+    blocks[0][0][2].p = 0.3  # dropout on, in block 0's f
+    with pytest.warns(revtree.RevtreeWarning, match="block 0 runs on the eager engine.*draws"):
+        _compiled_step(seq, blocks, x, 7)
+    _compiled_step(seq, blocks, x, 8)
+    assert seq._compiled_engine.ran == {1}
+
+
+def test_compiled_function_replaced_after_the_block_was_compiled():
+    blocks = [(_dropout_mlp(0.0, i), _dropout_mlp(0.0, 10 + i)) for i in range(2)]
+    seq = revtree.ReversibleSequence(blocks, compile=True)
+    x = x_(4, 6)
+    for step in range(3):
+        _compiled_step(seq, blocks, x, step)
+    new = _dropout_mlp(0.3, 20)  # dropout injected later
+    seq.blocks[0].f = new
+    blocks[0] = (new, blocks[0][1])
+    with pytest.warns(revtree.RevtreeWarning, match="block 0 runs on the eager engine.*draws"):
+        for step in range(3):
+            _compiled_step(seq, blocks, x, 30 + step)
+    assert seq._compiled_engine.ran == {1}
+
+
+# ---------------------------------------------------------------------------- threads
+
+
+def test_two_threads_each_training_a_sequence_with_dropout_replay_their_own_masks():
+    """Each thread's recomputation draws the masks its forward drew (the drift check says)."""
+    errors: list[BaseException] = []
+    models = {}
+    for seed in (1, 2):  # built first: building draws from the generator too
+        blocks = [(_dropout_mlp(0.5, seed + i), _dropout_mlp(0.5, seed + 9 + i)) for i in range(4)]
+        models[seed] = revtree.ReversibleSequence(blocks, check_drift=1e-9, on_drift="raise")
+
+    def train(seed):
+        try:
+            seq = models[seed]
+            x = x_(64, 6, seed=seed)
+            for _ in range(40):
+                weights(seq(x)).backward()
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=train, args=(seed,)) for seed in (1, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors
+
+
+def test_a_model_copy_learns_again():
+    blocks = [(lin(seed=1), lin(seed=2))]
+    seq = revtree.ReversibleSequence(blocks)
+    x = x_(4, 6)
+    weights(seq(x)).backward()
+    twin = copy.deepcopy(seq)
+    assert not twin._learned.walks  # copied empty
+    got = torch.autograd.grad(weights(twin(x)), [x, *twin.parameters()])
+    twin_blocks = [(b.f, b.g) for b in twin.blocks]
+    expected = torch.autograd.grad(weights(plain(twin_blocks, x)), [x, *twin.parameters()])
+    assert_trees_close(list(got), list(expected))
