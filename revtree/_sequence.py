@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import _torch, _trees
-from ._block import Block, Fn, Spec, as_block
+from ._block import Block, Fn, Invertible, Spec, Update, as_block
 from ._budget import MemoryPlan, choose, measure
 from ._context import Context, Route, parse_route
 from ._engine import _node, _pass
@@ -106,7 +106,10 @@ class ReversibleSequence(nn.Module):
     def __init__(
         self,
         blocks: Sequence[
-            Block | tuple[nn.Module | Callable[..., Any], nn.Module | Callable[..., Any]]
+            Block
+            | Update
+            | Invertible
+            | tuple[nn.Module | Callable[..., Any], nn.Module | Callable[..., Any]]
         ],
         *,
         codec: Codec | Any = Split(-1),
@@ -521,6 +524,11 @@ class ReversibleSequence(nn.Module):
             planned.append((index, block, program))
         return planned
 
+    def _has_sides(self, planned: list[Any]) -> bool:
+        """Whether a step of the blocks ``planned`` returns a side output."""
+        programs = {id(program): program for _, _, program in planned}
+        return any(any(spec.side) for program in programs.values() for spec in program)
+
     def _start(
         self, x: Any, kwargs: dict[str, Any], route: Any, indices: Sequence[int] | None
     ) -> tuple[Call, list[Leaves], list[Any]]:
@@ -584,11 +592,13 @@ class ReversibleSequence(nn.Module):
             first = False
         if call.tracker is not None:
             call.tracker.flush()
+        if self._learned.grown:  # forget what was learned of modules replaced since
+            self._learned.prune(set(self.modules()))
         out = [layout.leaf(state, i) for i in range(len(layout.codecs))]
         if tape is not None:
             _node.hold_decoded(tape, out)
         y = layout.spec.unflatten(out)
-        if _has_sides(planned):
+        if self._has_sides(planned):
             return y, self._gather_sides(sides)
         return y
 
@@ -599,7 +609,7 @@ class ReversibleSequence(nn.Module):
         call, state, planned = self._start(x, kwargs, route, indices)
         sides = _pass.forward_plain(call, planned, state)
         y = call.shared.layout.decode(state)
-        if _has_sides(planned):
+        if self._has_sides(planned):
             return y, self._gather_sides(sides)
         return y
 
@@ -635,10 +645,6 @@ class ReversibleSequence(nn.Module):
             self._materialised = not any(lazy)
             every = tuple(a or b for a, b in zip(every, lazy))
         return [every[index] for index, _, _ in planned]
-
-
-def _has_sides(planned: list[Any]) -> bool:
-    return any(side for _, _, program in planned for spec in program for side in spec.side)
 
 
 def _tensors(x: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:

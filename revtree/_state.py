@@ -8,6 +8,9 @@ from typing import Any
 _local = threading.local()
 
 
+_OUTSIDE = (None, False, None)  # (block index, recomputing, memo) outside any block
+
+
 def is_recomputing() -> bool:
     """Whether the block now running is being recomputed during backward.
 
@@ -25,7 +28,7 @@ def is_recomputing() -> bool:
         >>> revtree.is_recomputing()
         False
     """
-    return getattr(_local, "recomputing", False)
+    return getattr(_local, "now", _OUTSIDE)[1]
 
 
 def current_block() -> int | None:
@@ -42,26 +45,22 @@ def current_block() -> int | None:
         >>> revtree.current_block() is None
         True
     """
-    return getattr(_local, "block", None)
+    return getattr(_local, "now", _OUTSIDE)[0]
 
 
 def enter(block: int, recomputing: bool, memo: Any = None) -> tuple[Any, Any, Any]:
     """Mark ``block`` as running (maybe recomputing, with a memo); return what to ``leave`` to."""
     local = _local
-    previous = (
-        getattr(local, "block", None),
-        getattr(local, "recomputing", False),
-        getattr(local, "memo", None),
-    )
-    local.block, local.recomputing, local.memo = block, recomputing, memo
+    previous = getattr(local, "now", _OUTSIDE)
+    local.now = (block, recomputing, memo)
     return previous
 
 
 def leave(previous: tuple[Any, Any, Any]) -> None:
     """Undo ``enter``."""
-    _local.block, _local.recomputing, _local.memo = previous
+    _local.now = previous
 
 
 def memo_record() -> Any:
     """The memo of the call now running (``None`` outside a block)."""
-    return getattr(_local, "memo", None)
+    return getattr(_local, "now", _OUTSIDE)[2]

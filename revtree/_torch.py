@@ -6,15 +6,21 @@ where a private attribute is missing in some release, the function says what it 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import ctypes
+from collections.abc import Sequence
+from itertools import repeat
+from operator import attrgetter
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
+from torch.nn.utils import parametrize
 
 # ----------------------------------------------------------------------------- tensors
+
+
+_VERSION = attrgetter("_version")
 
 
 def version(t: torch.Tensor) -> int:
@@ -28,9 +34,21 @@ def version(t: torch.Tensor) -> int:
 def versions(tensors: Sequence[torch.Tensor]) -> list[int]:
     """The version counters of ``tensors`` (``-1`` for inference tensors)."""
     try:
-        return [t._version for t in tensors]
+        return list(map(_VERSION, tensors))
     except RuntimeError:
         return [version(t) for t in tensors]
+
+
+def contents(t: torch.Tensor) -> bytes:
+    """The bytes of a small contiguous CPU tensor (a generator's state), copied in one go.
+
+    ``torch.equal`` costs several microseconds of dispatch; comparing these is a memcmp.
+    """
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
+
+
+TENSOR_HOOKS = attrgetter("_backward_hooks")
+"""A tensor's own hooks (``register_hook``), or ``None``."""
 
 
 def has_tensor_hooks(t: torch.Tensor) -> bool:
@@ -38,9 +56,9 @@ def has_tensor_hooks(t: torch.Tensor) -> bool:
     return bool(t._backward_hooks)
 
 
-def has_post_accumulate_hooks(t: torch.Tensor) -> bool:
-    """Whether ``t`` carries post-accumulate-grad hooks (an optimizer applied in backward)."""
-    return bool(getattr(t, "_post_accumulate_grad_hooks", None))
+def any_post_accumulate_hooks(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` carries post-accumulate-grad hooks (an optimizer in backward)."""
+    return any(map(getattr, tensors, repeat("_post_accumulate_grad_hooks"), repeat(None)))
 
 
 def sequence_number(node: Any) -> int:
@@ -104,40 +122,47 @@ def on_registration(hook: Any, kind: str) -> None:
     register(hook)
 
 
-@contextmanager
-def parametrizations_uncached() -> Iterator[None]:
+class parametrizations_uncached:  # noqa: N801 (a context manager, like contextlib's)
     """Inside, parametrized tensors are computed at each access, even under ``cached()``.
 
     ``torch.nn.utils.parametrize.cached()`` keeps the first value computed; computed in a
     forward pass under ``no_grad`` it carries no graph, and a recomputation reading it
-    would give the originals no gradient.
+    would give the originals no gradient. Reusable and reentrant.
     """
-    from torch.nn.utils import parametrize
 
-    enabled = parametrize._cache_enabled
-    if not enabled:
-        yield
-        return
-    parametrize._cache_enabled = 0
-    try:
-        yield
-    finally:
-        parametrize._cache_enabled = enabled
+    __slots__ = ("entered",)
+
+    def __init__(self) -> None:
+        self.entered: list[int] = []
+
+    def __enter__(self) -> None:
+        self.entered.append(parametrize._cache_enabled)
+        parametrize._cache_enabled = 0
+
+    def __exit__(self, *exc: Any) -> None:
+        parametrize._cache_enabled = self.entered.pop()
 
 
 def parametrizations_cached() -> bool:
     """Whether ``torch.nn.utils.parametrize.cached()`` is in force."""
-    from torch.nn.utils import parametrize
-
     return bool(parametrize._cache_enabled)
 
 
 # ---------------------------------------------------------------------------- autograd
 
 
-def set_grad_enabled(mode: bool) -> None:
-    """Set grad mode without a context object (the engine's hot path)."""
-    torch._C._set_grad_enabled(mode)
+set_grad_enabled = torch._C._set_grad_enabled
+"""Set grad mode without a context object (the engine's hot path)."""
+
+
+def apply_function(cls: type) -> Any:
+    """``cls.apply`` of an autograd Function, without its Python wrapper.
+
+    The wrapper unwraps ``torch.func``'s dead wrappers argument by argument in Python; the
+    engine runs no node under a ``torch.func`` transform, and a node takes every parameter
+    it read as an input.
+    """
+    return torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
 
 
 _ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
@@ -175,9 +200,8 @@ def saved_tensors_hooks_enabled() -> bool:
 # ------------------------------------------------------------------------ transforms
 
 
-def functorch_active() -> bool:
-    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``vjp``, ``jacrev``) is running."""
-    return bool(torch._C._are_functorch_transforms_active())
+functorch_active = torch._C._are_functorch_transforms_active
+"""Whether a ``torch.func`` transform (``vmap``, ``grad``, ``vjp``, ``jacrev``) is running."""
 
 
 def forward_ad_active() -> bool:

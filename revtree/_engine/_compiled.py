@@ -251,7 +251,10 @@ class Compiled:
             tuple(t.requires_grad for t in context.tensors),
             shared.autocast,
         )
-        lookup = (_value(coupling), *rest)
+        # each block structure gets functions (code objects) of its own: dynamo counts
+        # recompilations per code object, and many sequences may share one layout
+        structure = (run.walks[0].structure, run.walks[1].structure)
+        lookup = (_value(coupling), structure, *rest)
         functions = _FUNCTIONS.get(lookup)
         if functions is None:
             functions = _FUNCTIONS[lookup] = _build((coupling, *rest))

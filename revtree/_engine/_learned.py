@@ -79,7 +79,6 @@ class Walk:
         buffered: The modules holding buffers.
         modules: Every module, for its training flag.
         managed: Whether FSDP manages parameters of it (they get their gradients from it).
-        hooked: Whether it carries module hooks of its own.
         discovered: Whether its first call looked for what it reads beyond its modules.
         open: Whether it reads tensors that need a gradient beyond its modules (closures,
             plain attributes): every call then looks for them again.
@@ -90,7 +89,6 @@ class Walk:
         "discovered",
         "epoch",
         "fingerprint",
-        "hooked",
         "managed",
         "modules",
         "names",
@@ -98,6 +96,7 @@ class Walk:
         "plain",
         "serial",
         "slots",
+        "_structure",
     )
 
     def __init__(self, module: nn.Module, managed: bool = False) -> None:
@@ -131,12 +130,23 @@ class Walk:
                 stack.extend((c, f"{prefix}{n}.", unit) for n, c in kids.items() if c is not None)
         self.slots, self.names = slots, names
         self.buffered, self.modules, self.plain = buffered, modules, plain
-        self.hooked = _torch.has_module_hooks(module)
         self.epoch = _epoch[0]
         self.fingerprint = _fingerprint(plain) if plain else ()
         self.serial = next(_serials)
         self.discovered = False
         self.open = False
+        self._structure: Any = None
+
+    @property
+    def structure(self) -> Any:
+        """The modules' types and the slots' shapes and dtypes (the compiled engine's key)."""
+        if self._structure is None:
+            slots = zip(self.slots, self.names)
+            self._structure = (
+                tuple(type(m) for m in self.modules),
+                tuple((name, tuple(s[n].shape), s[n].dtype) for (s, n), name in slots),
+            )
+        return self._structure
 
     def valid(self) -> bool:
         """Whether nothing it depends on has changed since it was built."""
@@ -145,12 +155,36 @@ class Walk:
         return not self.plain or _fingerprint(self.plain) == self.fingerprint
 
 
+class Known:
+    """One block, as the engine knows it: its functions, their names and walks."""
+
+    __slots__ = ("epoch", "fns", "managed", "names", "plain", "walks")
+
+    def __init__(self, block: Any, learned: Learned) -> None:
+        _watched.add(block)  # a function replaced (block.f = ...) is a registration
+        self.fns: list[nn.Module] = block.functions()
+        self.names: list[str] = block.names()
+        managed = is_unit(block)
+        self.walks = [learned.walk(fn, managed) for fn in self.fns]
+        self.plain = any(w.plain for w in self.walks)
+        self.managed = any(w.managed for w in self.walks)
+        self.epoch = _epoch[0]
+
+    def valid(self) -> bool:
+        """Whether nothing it depends on has changed since it was built."""
+        if self.epoch != _epoch[0]:
+            return False
+        return not self.plain or all(w.valid() for w in self.walks)
+
+
 class Learned:
     """What the engine learned about a sequence's functions (see the module's docstring)."""
 
-    __slots__ = ("__weakref__", "policy", "programs", "verdicts", "walks")
+    __slots__ = ("__weakref__", "blocks", "grown", "policy", "programs", "verdicts", "walks")
 
     def __init__(self) -> None:
+        self.grown = False  # something new was learned: what is stale may be forgotten
+        self.blocks: dict[nn.Module, Known] = {}
         self.walks: dict[nn.Module, Walk] = {}
         self.programs: dict[tuple[Any, ...], Any] = {}  # per block, coupling, route, parts
         self.policy = Policy()  # which modules change their buffers
@@ -171,13 +205,24 @@ class Learned:
         self.walks[module] = walk = Walk(module, managed)
         return walk
 
+    def block(self, block: nn.Module) -> Known:
+        """What is known of ``block``, found again if it changed."""
+        known = self.blocks.get(block)
+        if known is None or not known.valid():
+            known = self.blocks[block] = Known(block, self)
+            self.grown = True
+        return known
+
     def forget(self, module: nn.Module) -> None:
-        """Drop the walk of ``module`` (a slot it recorded is gone)."""
+        """Drop the walk of ``module`` (a slot it recorded is gone), and what uses it."""
         self.walks.pop(module, None)
+        self.blocks = {b: k for b, k in self.blocks.items() if module not in k.fns}
 
     def prune(self, live: set[nn.Module]) -> None:
         """Forget the walks (and verdicts) of modules no longer run (replaced since)."""
+        self.grown = False
         self.walks = {m: w for m, w in self.walks.items() if m in live}
+        self.blocks = {b: k for b, k in self.blocks.items() if b in live}
         self.programs = {k: v for k, v in self.programs.items() if k[0] in live}
         serials = {w.serial for w in self.walks.values()}
         self.verdicts = {k: v for k, v in self.verdicts.items() if set(k[0]) <= serials}

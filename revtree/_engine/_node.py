@@ -31,6 +31,7 @@ import weakref
 from collections.abc import Sequence
 from functools import partial
 from itertools import chain
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -47,6 +48,8 @@ from ._steps import KINDS, rebuild_block
 
 Leaves = list[torch.Tensor]
 State = list[Leaves]
+
+_REQUIRES_GRAD = attrgetter("requires_grad")
 
 # the decoded outputs of reversible calls, to be relieved by a later call taking one as input
 _OUTPUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -122,6 +125,17 @@ class Tape:
     def add_sources(self, record: Record) -> None:
         """Give each tensor the record's call read that needs a gradient a source position."""
         positions, sources = self.positions, self.sources
+        params = record.params
+        ids = list(map(id, params))
+        if positions.keys().isdisjoint(ids) and all(map(_REQUIRES_GRAD, params)):
+            # the common case, all new and all trained: numbered in order, in C loops
+            start = len(sources)
+            where = list(range(start, start + len(params)))
+            if len(set(ids)) == len(ids):
+                sources.extend(params)
+                positions.update(zip(ids, where))
+                record.positions = record.used = where
+                return
         where = []
         for t in record.params:
             if t.requires_grad:
@@ -363,6 +377,9 @@ class Node(torch.autograd.Function):
         return (None, *result)
 
 
+_apply = _torch.apply_function(Node)
+
+
 class _Keep:
     """A pack hook that keeps the tape where autograd keeps saved tensors."""
 
@@ -384,8 +401,8 @@ def apply(tape: Tape, outputs: Leaves, inputs: Leaves) -> tuple[torch.Tensor, ..
     keep = _Keep(tape)
     if _torch.saved_tensors_hooks_enabled():
         with torch.autograd.graph.saved_tensors_hooks(keep.pack, keep.unpack):
-            return Node.apply(tape, outputs, *inputs)
-    out = Node.apply(tape, outputs, *inputs)
+            return _apply(tape, outputs, *inputs)
+    out = _apply(tape, outputs, *inputs)
     out[0].grad_fn._revtree_tape = tape  # hooks disabled here: kept with the graph instead
     return out
 

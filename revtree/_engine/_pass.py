@@ -102,7 +102,7 @@ def forward_nodes(
                 index, block, program = blocks[at]
                 at += 1
                 run = BlockRun(shared, index, block, program, tape)
-                tape.hooked = tape.hooked or any(w.hooked for w in run.walks)
+                tape.hooked = tape.hooked or any(map(_torch.has_module_hooks, run.fns))
                 tape.managed = tape.managed or run.managed
                 if settings.check_drift is not None:
                     run.sample = _drift.sample([t for part in state for t in part])
@@ -115,7 +115,7 @@ def forward_nodes(
                 tape.runs.append(run)
                 fresh = tape.sources[checked:]
                 checked = len(tape.sources)
-                if any(map(_torch.has_post_accumulate_hooks, fresh)):
+                if fresh and _torch.any_post_accumulate_hooks(fresh):
                     break
         for run in tape.runs:
             run.tape = None  # recorded: no cycle keeps the tape alive past its graph

@@ -18,6 +18,7 @@ of it put back.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import optree
@@ -30,7 +31,14 @@ from .._errors import RevtreeError
 from .._layout import Layout
 from .._replay import _protocol
 from .._replay._autocast import NOTHING, AutocastState
-from .._replay._rng import LOCK, Generators, Tracker, generators_for
+from .._replay._rng import (
+    LOCK,
+    Generators,
+    PerModule,
+    Tracker,
+    around_submodules,
+    generators_for,
+)
 from . import _externals
 from ._fsdp import is_unit
 from ._learned import Learned, Walk
@@ -40,6 +48,9 @@ if TYPE_CHECKING:
     from ._sink import Backward
 
 Leaves = list[torch.Tensor]
+
+
+_SHAPE = attrgetter("shape")
 
 
 class Settings:
@@ -72,7 +83,7 @@ class Shared:
 class Call:
     """One call of a sequence, for its forward pass only (it dies with the forward)."""
 
-    __slots__ = ("_kwargs", "generators", "policy", "shared", "tracker")
+    __slots__ = ("_kwargs", "_views", "generators", "policy", "shared", "tracker", "uncached")
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
@@ -80,6 +91,12 @@ class Call:
         self.tracker: Tracker | None = None
         self.generators: Generators | None = None
         self._kwargs: dict[bool, tuple[dict[str, Any], Leaves]] = {}
+        self._views: dict[tuple[bool, Normal], View] = {}
+        # parametrized tensors computed from their originals in every recorded call, even
+        # under parametrize.cached() (a cached value from a no_grad call carries no graph)
+        self.uncached: Any = (
+            _torch.parametrizations_uncached() if _torch.parametrizations_cached() else NOTHING
+        )
 
     def record(self, state: list[Leaves], preserve_rng: bool | None = None) -> None:
         """Capture what a recomputation replays: the generators in use and the autocast state."""
@@ -112,8 +129,26 @@ class Call:
             known = self._kwargs[recorded] = (context.rebuild(copies), copies)
         return known
 
+    def view(self, recorded: bool, receives: Normal) -> View:
+        """What a function that ``receives`` gets: its keyword arguments, their tensors."""
+        context = self.shared.context
+        if not context.leaves:
+            return _NO_KEYWORDS
+        key = (recorded, receives)
+        view = self._views.get(key)
+        if view is None:
+            kwargs, copies = self.kwargs(recorded)
+            receiving = context.receiving(receives)
+            view = (context.select(kwargs, receives), [copies[k] for k in receiving], receiving)
+            self._views[key] = view
+        return view
+
     def buffer_surprise(self, name: str) -> None:
         raise _Surprise(name)
+
+
+View = tuple[dict[str, Any], Leaves, list[int]]  # keyword arguments, their tensors, positions
+_NO_KEYWORDS: View = ({}, [], [])
 
 
 class _Surprise(Exception):
@@ -148,6 +183,7 @@ class BlockRun:
         "compiled",
         "fns",
         "index",
+        "managed",
         "names",
         "program",
         "records",
@@ -167,23 +203,18 @@ class BlockRun:
         tape: Any = None,
     ) -> None:
         self.shared, self.index, self.block, self.program = shared, index, block, program
-        self.fns: list[nn.Module] = block.functions()
-        self.names: list[str] = block.names()
+        known = shared.settings.learned.block(block)
+        self.fns: list[nn.Module] = known.fns
+        self.names: list[str] = known.names
         self.unit = is_unit(block)  # an FSDP unit: run through its own call (see _fsdp)
         self.tape = tape
-        self.walks: list[Walk] = []
+        self.walks: list[Walk] = known.walks
+        self.managed = known.managed  # FSDP manages parameters of it (they get gradients from it)
         self.records: list[list[_protocol.Record]] = []
         if tape is not None:
-            learned = shared.settings.learned
-            self.walks = [learned.walk(fn, self.unit) for fn in self.fns]
             self.records = [[] for _ in self.fns]
         self.sample: Any = None
         self.compiled = False  # whether its forward ran compiled (see _compiled)
-
-    @property
-    def managed(self) -> bool:
-        """Whether FSDP manages parameters of the block (they get their gradients from it)."""
-        return any(w.managed for w in self.walks)
 
     # ----------------------------------------------------------------------- forward
 
@@ -195,22 +226,22 @@ class BlockRun:
         leaves: Leaves,
         receives: Normal,
         method: Any = None,
+        submodules: bool = False,
     ) -> Any:
         """Call function ``j`` (or its ``method``) on ``args`` in the forward pass.
 
         ``leaves`` are the tensors of ``args``; ``receives`` what it gets of the keyword
-        arguments. Raises if it modified its input or keyword tensors in place.
+        arguments; ``submodules``: record the random state at each submodule call (an
+        invertible module, whose inverse may call them in another order). Raises if it
+        modified its input or keyword tensors in place.
         """
         fn = self.fns[j] if method is None else method
         recorded = self.tape is not None
-        kwargs, copies = call.kwargs(recorded)
-        context = self.shared.context
-        kwargs = context.select(kwargs, receives)
-        keywords = [copies[k] for k in context.receiving(receives)] if copies else []
+        kwargs, keywords, receiving = call.view(recorded, receives)
         before = _torch.versions(leaves)
         kw_before = _torch.versions(keywords) if keywords else None
         if recorded:
-            out = self._recorded(call, j, fn, args, leaves, kwargs)
+            out = self._recorded(call, j, fn, args, leaves, kwargs, submodules)
         else:
             previous = _state.enter(self.index, False)
             try:
@@ -227,23 +258,30 @@ class BlockRun:
         if kw_before is not None:
             k = _checks.modified(keywords, kw_before)
             if k is not None:
-                name = context.name(context.receiving(receives)[k])
+                name = self.shared.context.name(receiving[k])
                 _checks.keyword_modified(self.index, self.names[j], name, keywords[k])
         return out
 
     def _recorded(
-        self, call: Call, j: int, fn: Any, args: Sequence[Any], leaves: Leaves, kwargs: Any
+        self,
+        call: Call,
+        j: int,
+        fn: Any,
+        args: Sequence[Any],
+        leaves: Leaves,
+        kwargs: Any,
+        submodules: bool = False,
     ) -> Any:
         # the random state captured and the call's draws, with no other thread's between
         with LOCK if call.tracker is not None else NOTHING:
             record, walk = self._capture(call, j)
             discover = not walk.managed and (not walk.discovered or walk.open)
-            previous = _state.enter(self.index, False, record.memo)
-            uncached = (
-                _torch.parametrizations_uncached() if _torch.parametrizations_cached() else NOTHING
-            )
+            local = _state._local
+            previous = getattr(local, "now", _state._OUTSIDE)
+            local.now = (self.index, False, record)  # (its memo is made on first use)
+            per = PerModule(call.generators) if submodules and call.generators else None
             try:
-                with uncached:
+                with call.uncached, around_submodules(per.record) if per else NOTHING:
                     if discover:
                         out = self._discover(j, walk, record, fn, args, kwargs)
                     else:
@@ -252,7 +290,9 @@ class BlockRun:
                 self.note(e, j, args, leaves)
                 raise
             finally:
-                _state.leave(previous)
+                local.now = previous
+            if per is not None:
+                record.substates = per.kept()
         try:
             _protocol.settle(record, walk, call)
         except _Surprise as s:
@@ -269,6 +309,7 @@ class BlockRun:
         except KeyError:  # a slot the walk recorded is gone: walk it again
             learned = self.shared.settings.learned
             learned.forget(self.fns[j])
+            self.walks = list(self.walks)
             walk = self.walks[j] = learned.walk(self.fns[j], self.unit)
             record = _protocol.Record()
             _protocol.capture(record, walk, call)
@@ -351,27 +392,34 @@ class BlockRun:
         record = self.records[j][k]
         walk = self.walks[j]
         fn = self.fns[j] if method is None else method
-        context = self.shared.context
-        kwargs = context.select(back.kwargs, receives)
-        keywords = [back.keywords[i] for i in context.receiving(receives)] if back.keywords else []
+        kwargs, keywords, receiving, _ = back.view(receives)
         kw_before = _torch.versions(keywords) if keywords else None
         tokens = _protocol.restore(record, walk, back)
-        previous = _state.enter(self.index, True, _protocol.memo_of(tokens))
+        local = _state._local
+        previous = getattr(local, "now", _state._OUTSIDE)
+        local.now = (self.index, True, None if record.memo is None else record.memo.replay())
         grad_mode = torch.is_grad_enabled()
         _torch.set_grad_enabled(grad)
+        substates = record.substates
         try:
-            out = fn(*args, **kwargs)
+            if substates is None:
+                out = fn(*args, **kwargs)
+            else:  # each submodule from the state it started from in the forward
+                assert back.generators is not None  # it drew: its state was kept
+                with around_submodules(PerModule(back.generators, substates).replay):
+                    out = fn(*args, **kwargs)
         except Exception as e:
             self.note(e, j, args, leaves)
             raise
         finally:
             _torch.set_grad_enabled(grad_mode)
-            _state.leave(previous)
-            _protocol.undo(tokens)
+            local.now = previous
+            if tokens:
+                _protocol.undo(tokens)
         if kw_before is not None:
             i = _checks.modified(keywords, kw_before)
             if i is not None:
-                name = context.name(context.receiving(receives)[i])
+                name = self.shared.context.name(receiving[i])
                 _checks.keyword_modified(self.index, self.names[j], name, keywords[i])
         return out
 
@@ -455,7 +503,7 @@ class BlockRun:
 
 def _signature(leaves: list[Any]) -> list[Any]:
     try:
-        return [t.shape for t in leaves]
+        return list(map(_SHAPE, leaves))
     except AttributeError:  # a coupling's own methods may take what is no tensor
         return [getattr(t, "shape", type(t)) for t in leaves]
 

@@ -24,6 +24,8 @@ through the node too.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ from torch.overrides import has_torch_function
 
 from .. import _checks, _torch
 from .._replay._autocast import NOTHING
+from .._replay._protocol import restoring
 from .._replay._rng import Generators
 
 Leaves = list[torch.Tensor]
@@ -42,9 +45,12 @@ class Backward:
     __slots__ = (
         "accumulate",
         "autocast",
+        "context",
         "externals",
         "generators",
         "handles",
+        "identity",
+        "kinds",
         "keywords",
         "kw_totals",
         "kw_wanted",
@@ -52,6 +58,7 @@ class Backward:
         "open",
         "plain",
         "totals",
+        "views",
     )
 
     def __init__(
@@ -68,12 +75,14 @@ class Backward:
         # externals are read where no slot can swap in an alias: their handle is themselves
         # (in accumulate mode their gradients are asked of autograd apart)
         self.externals: frozenset[int] = tape.externals
+        if accumulate:
+            aliased = [True] * len(sources)
+        else:  # an alias where something else could see the gradient: hooks, a non-leaf
+            aliased = list(map(bool, map(_torch.TENSOR_HOOKS, sources)))
+            aliased = [a or not t.is_leaf for a, t in zip(aliased, sources)]
         self.handles = [
-            t
-            if p in self.externals
-            or not (accumulate or not t.is_leaf or _torch.has_tensor_hooks(t))
-            else t.detach().requires_grad_()
-            for p, t in enumerate(sources)
+            t.detach().requires_grad_() if a and p not in self.externals else t
+            for p, (t, a) in enumerate(zip(sources, aliased))
         ]
         self.totals: list[Any] = [None] * len(sources)
         context = shared.context
@@ -84,11 +93,36 @@ class Backward:
         self.kw_wanted = [k for k, need in enumerate(keywords_need) if need]
         self.kw_totals: list[Any] = [None] * len(tensors)
         self.kwargs = context.rebuild(self.keywords)
+        self.context = context
+        self.views: dict[Any, tuple[dict[str, Any], Leaves, list[int], list[int]]] = {}
         state = shared.autocast
         self.autocast: Any = NOTHING if state is None or state.is_current else state.replay()
+        self.kinds = restoring(self.autocast is not NOTHING)  # what recomputations restore
+        # whether every handle is its source: the slots then hold what is differentiated
+        self.identity = all(map(is_, self.handles, sources))
         self.generators: Generators | None = shared.generators
         wanted = [self.keywords[k] for k in self.kw_wanted]
         self.plain = not (has_torch_function(self.handles) or has_torch_function(wanted))
+
+    def view(self, receives: Any) -> tuple[dict[str, Any], Leaves, list[int], list[int]]:
+        """What a function that ``receives`` gets of the keyword arguments.
+
+        Its keyword arguments, their tensors, their positions, and those of them whose
+        gradient is wanted.
+        """
+        if not self.keywords:
+            return _NO_KEYWORDS
+        view = self.views.get(receives)
+        if view is None:
+            context = self.context
+            receiving = context.receiving(receives)
+            view = self.views[receives] = (
+                context.select(self.kwargs, receives),
+                [self.keywords[k] for k in receiving],
+                receiving,
+                self.keyword_positions(receiving),
+            )
+        return view
 
     def keyword_positions(self, receiving: list[int]) -> list[int]:
         """Of the keyword tensors a function receives, those whose gradient is wanted."""
@@ -110,57 +144,64 @@ class Backward:
         ``keywords`` are kept for the node to return; ``None`` where none flows. ``where``
         (block index, function) locates an error.
         """
-        try:
-            return self._vjp(outputs, grads, leaves, positions, keywords)
-        except RuntimeError as e:
-            if "use_reentrant=True" in str(e):
-                _checks.reentrant_checkpoint(*where)
-            raise
-
-    def _vjp(
-        self,
-        outputs: Leaves,
-        grads: Sequence[Any],
-        leaves: Leaves,
-        positions: list[int],
-        keywords: list[int],
-    ) -> list[Any]:
         kept, kept_grads = _grad_outputs(outputs, grads)
         if not kept:
             return [None] * len(leaves)
         handles = self.handles
-        kw = [self.keywords[k] for k in keywords]
         n, m = len(leaves), len(positions)
-        if self.open:
-            _torch.run_backward(kept, kept_grads, (), True)
-            return [t.grad for t in leaves]
-        if self.accumulate:
-            external = [p for p in positions if p in self.externals]
-            if external:  # read where no alias could go: asked apart, the graph kept
-                found = torch.autograd.grad(
-                    kept,
-                    [handles[p] for p in external],
-                    kept_grads,
-                    retain_graph=True,
-                    allow_unused=True,
-                )
-                self._add(external, found)
-                positions = [p for p in positions if p not in external]
-            inputs = (*leaves, *(handles[p] for p in positions), *kw)
-            _torch.run_backward(kept, kept_grads, inputs, True)
-            return [t.grad for t in leaves]
-        inputs = (*leaves, *(handles[p] for p in positions), *kw)
-        if self.plain:
-            out = _torch.run_backward(kept, kept_grads, inputs, False)
-        else:
-            out = torch.autograd.grad(kept, inputs, kept_grads, allow_unused=True)
-        self._add(positions, out[n : n + m])
+        try:
+            if self.open:
+                _torch.run_backward(kept, kept_grads, (), True)
+                return [t.grad for t in leaves]
+            if self.accumulate:
+                return self._accumulate(kept, kept_grads, leaves, positions, keywords)
+            inputs = (*leaves, *map(handles.__getitem__, positions), *self._keywords(keywords))
+            if self.plain:
+                out = _torch.run_backward(kept, kept_grads, inputs, False)
+            else:
+                out = torch.autograd.grad(kept, inputs, kept_grads, allow_unused=True)
+        except RuntimeError as e:
+            if "use_reentrant=True" in str(e):
+                _checks.reentrant_checkpoint(*where)
+            raise
+        totals = self.totals
+        for p, g in zip(positions, out[n : n + m]):
+            if g is not None:
+                t = totals[p]
+                totals[p] = g if t is None else t + g
         if keywords:
-            totals = self.kw_totals
+            kw_totals = self.kw_totals
             for k, g in zip(keywords, out[n + m :]):
                 if g is not None:
-                    totals[k] = g if totals[k] is None else totals[k] + g
+                    kw_totals[k] = g if kw_totals[k] is None else kw_totals[k] + g
         return list(out[:n])
+
+    def _keywords(self, keywords: list[int]) -> list[torch.Tensor]:
+        return [self.keywords[k] for k in keywords] if keywords else []
+
+    def _accumulate(
+        self,
+        kept: Leaves,
+        kept_grads: Leaves,
+        leaves: Leaves,
+        positions: list[int],
+        keywords: list[int],
+    ) -> list[Any]:
+        handles = self.handles
+        external = [p for p in positions if p in self.externals]
+        if external:  # read where no alias could go: asked apart, the graph kept
+            found = torch.autograd.grad(
+                kept,
+                [handles[p] for p in external],
+                kept_grads,
+                retain_graph=True,
+                allow_unused=True,
+            )
+            self._add(external, found)
+            positions = [p for p in positions if p not in external]
+        inputs = (*leaves, *(handles[p] for p in positions), *self._keywords(keywords))
+        _torch.run_backward(kept, kept_grads, inputs, True)
+        return [t.grad for t in leaves]
 
     def _add(self, positions: Sequence[int], grads: Sequence[Any]) -> None:
         totals = self.totals
@@ -187,8 +228,18 @@ class Backward:
         return self.kw_totals
 
 
+_NO_KEYWORDS: tuple[dict[str, Any], Leaves, list[int], list[int]] = ({}, [], [], [])
+
+
 def _grad_outputs(outputs: Leaves, grads: Sequence[Any]) -> tuple[Leaves, Leaves]:
     """Pair each output that requires grad with its gradient, cast and reduced as autograd would."""
+    if (
+        not any(map(is_, grads, repeat(None)))
+        and all(map(_REQUIRES_GRAD, outputs))
+        and list(map(_SHAPE, outputs)) == list(map(_SHAPE, grads))
+        and list(map(_DTYPE, outputs)) == list(map(_DTYPE, grads))
+    ):
+        return outputs, list(grads)  # every one as it is (the common case)
     kept, kept_grads = [], []
     for out, grad in zip(outputs, grads):
         if grad is not None and isinstance(out, torch.Tensor) and out.requires_grad:
@@ -199,3 +250,10 @@ def _grad_outputs(outputs: Leaves, grads: Sequence[Any]) -> tuple[Leaves, Leaves
             kept.append(out)
             kept_grads.append(grad)
     return kept, kept_grads
+
+
+_REQUIRES_GRAD, _SHAPE, _DTYPE = (
+    attrgetter("requires_grad"),
+    attrgetter("shape"),
+    attrgetter("dtype"),
+)

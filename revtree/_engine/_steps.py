@@ -18,7 +18,9 @@ sources for the node to return: nothing is written to a caller's tensor from ins
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from itertools import repeat
+from operator import attrgetter, is_
+from typing import Any, cast
 
 import torch
 
@@ -47,10 +49,8 @@ def plus(a: Grads, b: Grads) -> Grads:
     return [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
 
 
-def _side(run: BlockRun, j: int, out: Any, side: bool) -> tuple[Any, Any]:
-    """``(update, side output)`` of what function ``j`` returned."""
-    if not side:
-        return out, None
+def _side(run: BlockRun, j: int, out: Any) -> tuple[Any, Any]:
+    """``(update, side output)`` of what function ``j`` returned (built with ``side=True``)."""
     if not (isinstance(out, tuple) and len(out) == 2):
         _checks.fail(
             run.index,
@@ -94,57 +94,71 @@ def _update_spec(layout: Layout, part: int, arity: int) -> Any:
     return found
 
 
+_SHAPE, _DTYPE, _DEVICE = attrgetter("shape"), attrgetter("dtype"), attrgetter("device")
+_SCALAR = torch.Size([])
+
+
 def _is_additive(coupling: Elementwise) -> bool:
     """``x + u`` passes gradients through unchanged (unless a subclass redefines combine)."""
     return isinstance(coupling, Additive) and type(coupling).combine is Additive.combine
 
 
 class UpdateStep:
-    """``x[w] = combine(x[w], fn(x[r], ...))`` (see the module's docstring)."""
+    """``x[w] = combine(x[w], fn(x[r], ...))`` (see the module's docstring).
+
+    Every call is checked; the checks read what is there in a few C-level passes and look
+    closer only when something is off (a structure, a shape, ``None`` for a leaf).
+    """
 
     @staticmethod
     def _leaves_of(run: BlockRun, spec: Spec, out: Any, stream: Leaves) -> Leaves:
         """The leaves of an update; ``None`` for a leaf is a zero update."""
         layout = run.shared.layout
-        (w,), coupling = spec.writes, spec.coupling
-        assert isinstance(coupling, Elementwise)
-        expected = _update_spec(layout, w, coupling.arity)
-        update = _checks.update_leaves(
-            out,
-            expected,
-            layout.specs[w],
-            run.shared.settings.namespace,
-            run.index,
-            run.names[spec.fns[0]],
-        )
-        if any(u is None for u in update):
-            n = len(stream)
-            update = [
-                torch.zeros((), dtype=stream[i % n].dtype, device=stream[i % n].device)
-                if u is None
-                else u
-                for i, u in enumerate(update)
-            ]
-        return update
+        (w,), coupling = spec.writes, cast(Elementwise, spec.coupling)
+        arity = coupling.arity
+        expected = layout.specs[w] if arity == 1 else _update_spec(layout, w, arity)
+        update: list[Any] | None
+        try:
+            update = expected.flatten_up_to(out)
+        except (ValueError, TypeError):
+            update = None
+        if update is None or not all(map(isinstance, update, repeat(torch.Tensor))):
+            update = _checks.update_leaves(
+                out,
+                expected,
+                layout.specs[w],
+                run.shared.settings.namespace,
+                run.index,
+                run.names[spec.fns[0]],
+            )
+            if any(map(is_, update, repeat(None))):
+                n = len(stream)
+                update = [
+                    torch.zeros((), dtype=stream[i % n].dtype, device=stream[i % n].device)
+                    if u is None
+                    else u
+                    for i, u in enumerate(update)
+                ]
+        return cast(Leaves, update)
 
     @staticmethod
-    def _combine(
-        run: BlockRun, spec: Spec, x: Leaves, update: Leaves, undo: bool, checked: bool = False
-    ) -> Leaves:
-        """``combine`` (or with ``undo``, ``uncombine``) over the leaves, checked.
-
-        ``checked``: the update's shapes are known good (a recomputation that returned
-        what its forward call did), so only a failure is looked into.
-        """
-        c = spec.coupling
-        assert isinstance(c, Elementwise)
+    def _combine(run: BlockRun, spec: Spec, x: Leaves, update: Leaves, undo: bool) -> Leaves:
+        """``combine`` (or with ``undo``, ``uncombine``) over the leaves, checked."""
+        c = cast(Elementwise, spec.coupling)
         out = None
-        if checked or all(isinstance(u, torch.Tensor) for u in update):
+        if all(map(isinstance, update, repeat(torch.Tensor))):
             try:
                 out = c.uncombine_leaves(x, update) if undo else c.combine_leaves(x, update)
             except (RuntimeError, TypeError):
                 pass
-            if checked and out is not None:
+            shapes = list(map(_SHAPE, x))
+            if (
+                out is not None
+                and list(map(_SHAPE, out)) == shapes
+                and list(map(_DTYPE, out)) == list(map(_DTYPE, x))
+                # a CPU scalar combines with a CUDA one: for 0-dim leaves, the devices too
+                and (_SCALAR not in shapes or list(map(_DEVICE, out)) == list(map(_DEVICE, x)))
+            ):
                 return out
         leafwise = c.uncombine if undo else c.combine
         names = run.shared.layout.part_names(spec.writes[0])
@@ -153,19 +167,21 @@ class UpdateStep:
 
     @staticmethod
     def _args(run: BlockRun, spec: Spec, state: State) -> tuple[list[Any], Leaves]:
-        layout = run.shared.layout
-        if len(spec.reads) == 1:
-            (r,) = spec.reads
-            return [layout.tree(r, state[r])], state[r]
-        trees = [layout.tree(r, state[r]) for r in spec.reads]
-        return trees, [t for r in spec.reads for t in state[r]]
+        specs = run.shared.layout.specs
+        reads = spec.reads
+        if len(reads) == 1:
+            leaves = state[reads[0]]
+            return [specs[reads[0]].unflatten(leaves)], leaves
+        return [specs[r].unflatten(state[r]) for r in reads], [t for r in reads for t in state[r]]
 
     @classmethod
     def forward(cls, run: BlockRun, call: Call, spec: Spec, state: State) -> Any:
         (j,), (w,) = spec.fns, spec.writes
         args, leaves = cls._args(run, spec, state)
         out = run.call(call, j, args, leaves, spec.receives[0])
-        out, side = _side(run, j, out, spec.side[0])
+        side = None
+        if spec.side[0]:
+            out, side = _side(run, j, out)
         update = cls._leaves_of(run, spec, out, state[w])
         state[w] = cls._combine(run, spec, state[w], update, undo=False)
         run.returned(j, update)
@@ -176,7 +192,8 @@ class UpdateStep:
         (j,), (w,) = spec.fns, spec.writes
         args, leaves = cls._args(run, spec, state)
         out = run.call(call, j, args, leaves, spec.receives[0])
-        out, _ = _side(run, j, out, spec.side[0])
+        if spec.side[0]:
+            out, _ = _side(run, j, out)
         update = cls._leaves_of(run, spec, out, state[w])
         state[w] = cls._combine(run, spec, state[w], update, undo=True)
 
@@ -186,9 +203,10 @@ class UpdateStep:
         (j,), (w,) = spec.fns, spec.writes
         args, leaves = cls._args(run, spec, state)
         out = run.recall(back, j, 0, args, leaves, spec.receives[0], grad=False)
-        out, _ = _side(run, j, out, spec.side[0])
+        if spec.side[0]:
+            out, _ = _side(run, j, out)
         update = cls._leaves_of(run, spec, out, state[w])
-        state[w] = cls._combine(run, spec, state[w], update, undo=True, checked=True)
+        state[w] = cls._combine(run, spec, state[w], update, undo=True)
 
     @classmethod
     def reverse(
@@ -200,22 +218,27 @@ class UpdateStep:
         grads: list[Grads],
         dside: Grads,
     ) -> None:
-        layout = run.shared.layout
         (j,), (w,) = spec.fns, spec.writes
-        c = spec.coupling
-        assert isinstance(c, Elementwise)
-        read = [_leaves(state[r]) for r in spec.reads]
-        flat = read[0] if len(read) == 1 else [t for part in read for t in part]
-        args = [layout.tree(r, part) for r, part in zip(spec.reads, read)]
+        reads = spec.reads
+        specs = run.shared.layout.specs
+        if len(reads) == 1:
+            flat = _leaves(state[reads[0]])
+            args = [specs[reads[0]].unflatten(flat)]
+        else:
+            parts = [_leaves(state[r]) for r in reads]
+            flat = [t for part in parts for t in part]
+            args = [specs[r].unflatten(part) for r, part in zip(reads, parts)]
         out = run.recall(back, j, 0, args, flat, spec.receives[0])
-        out, side = _side(run, j, out, spec.side[0])
+        sides: Leaves = []
+        if spec.side[0]:
+            out, side = _side(run, j, out)
+            sides = side_leaves(run, j, side, run.shared.settings.namespace)
         update = cls._leaves_of(run, spec, out, state[w])
         run.returned_again(j, 0, update)
-        x = cls._combine(run, spec, state[w], update, undo=True, checked=True)  # (no grad)
-        sides = side_leaves(run, j, side, run.shared.settings.namespace) if side is not None else []
-        receiving = run.shared.context.receiving(spec.receives[0])
-        keywords = back.keyword_positions(receiving)
-        used = run.used(j)
+        c = cast(Elementwise, spec.coupling)
+        x = c.uncombine_leaves(state[w], update)  # its shapes known good (no grad)
+        keywords = back.view(spec.receives[0])[3]
+        used = run.records[j][0].used
         where = (run.index, run.names[j])
         if _is_additive(c):
             got = back.vjp([*update, *sides], [*grads[w], *dside], flat, used, keywords, where)
@@ -227,11 +250,14 @@ class UpdateStep:
             outs, cots = [*y, *sides], [*grads[w], *dside]
             got = back.vjp(outs, cots, [*x_, *flat], used, keywords, where)
             grads[w], got = got[:n], got[n:]
-        at = 0
-        for r in spec.reads:
-            n = len(state[r])
-            grads[r] = plus(grads[r], got[at : at + n])
-            at += n
+        if len(reads) == 1:
+            grads[reads[0]] = plus(grads[reads[0]], got)
+        else:
+            at = 0
+            for r in reads:
+                n = len(state[r])
+                grads[r] = plus(grads[r], got[at : at + n])
+                at += n
         state[w] = x
 
 
@@ -428,8 +454,10 @@ class InvertibleStep:
         result = []
         for k, tree, old in zip(parts, trees, like):
             names = layout.part_names(k)
-            _checks.like_input(tree, old, layout.specs[k], names, ns, run.index, run.names[j])
-            result.append(_trees.leaves_as(tree, layout.specs[k], ns)[0])
+            # the structure and tensors are checked; an invertible module may reshape
+            structure = layout.specs[k]
+            _checks.like_input(tree, old, structure, names, ns, run.index, run.names[j], False)
+            result.append(_trees.leaves_as(tree, structure, ns)[0])
         return result
 
     @staticmethod
@@ -442,8 +470,8 @@ class InvertibleStep:
         parts = cls._parts(run, spec)
         j = spec.fns[0]
         args, leaves = cls._args(run, parts, state)
-        out = run.call(call, j, args, leaves, spec.receives[0])
-        out, side = _side(run, j, out, spec.side[0])
+        out = run.call(call, j, args, leaves, spec.receives[0], submodules=True)
+        out, side = _side(run, j, out) if spec.side[0] else (out, None)
         new = cls._outputs(run, spec, parts, out, [state[k] for k in parts], "it")
         run.returned(j, [t for part in new for t in part])
         for k, part in zip(parts, new):
@@ -492,16 +520,15 @@ class InvertibleStep:
         args = [run.shared.layout.tree(k, part) for k, part in zip(parts, x_)]
         flat = [t for part in x_ for t in part]
         out = run.recall(back, j, 0, args, flat, spec.receives[0])
-        out, side = _side(run, j, out, spec.side[0])
+        out, side = _side(run, j, out) if spec.side[0] else (out, None)
         new = cls._outputs(run, spec, parts, out, x_, "it")
         outs = [t for part in new for t in part]
         run.returned_again(j, 0, outs)
         sides = side_leaves(run, j, side, run.shared.settings.namespace) if side is not None else []
         cots = [g for k in parts for g in grads[k]]
-        receiving = run.shared.context.receiving(spec.receives[0])
-        got = back.vjp(
-            [*outs, *sides], [*cots, *dside], flat, run.used(j), back.keyword_positions(receiving)
-        )
+        keywords = back.view(spec.receives[0])[3]
+        where = (run.index, run.names[j])
+        got = back.vjp([*outs, *sides], [*cots, *dside], flat, run.used(j), keywords, where)
         at = 0
         for k in parts:
             n = len(state[k])

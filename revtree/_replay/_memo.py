@@ -72,9 +72,14 @@ def memo(fn: Callable[[], T], /) -> T:
         >>> seq = revtree.ReversibleSequence([(Hashed(), nn.Linear(2, 2))])
         >>> seq(torch.randn(3, 4, requires_grad=True)).sum().backward()
     """
-    record: MemoRecord | None = _state.memo_record()
-    if record is None:
+    holder = _state.memo_record()
+    if holder is None:
         return fn()
+    if type(holder) is not MemoRecord:  # a forward call's record: its memo, made on first use
+        if holder.memo is None:
+            holder.memo = MemoRecord(holder.generators)
+        holder = holder.memo
+    record: MemoRecord = holder
     if record.replaying:
         if record.k >= len(record.values):
             raise RevtreeError(

@@ -9,6 +9,7 @@ plain autograd's graph keeps what the forward did. A flag read from outside the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 
 from torch import nn
 
@@ -17,7 +18,10 @@ Modes = list[bool]  # the training flag of each module a function holds, as a ca
 
 def modes_of(modules: Sequence[nn.Module]) -> Modes:
     """The training flag of each module."""
-    return [m.training for m in modules]
+    return list(map(_TRAINING, modules))
+
+
+_TRAINING = attrgetter("training")
 
 
 def set_modes(modules: Sequence[nn.Module], modes: Modes) -> list[tuple[nn.Module, bool]]:

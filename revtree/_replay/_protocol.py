@@ -21,21 +21,34 @@ The eager engine, the compiled engine, the memory budget's measurement and
 
 from __future__ import annotations
 
+from operator import is_
 from typing import Any
 
 from .. import _torch
 from ._buffers import Snapshot
 from ._memo import MemoRecord
-from ._modes import modes_of, restore_modes, set_modes
+from ._modes import _TRAINING, restore_modes, set_modes
 from ._rng import LOCK
 
 
 class Record:
     """One forward call of a function: what its recomputation replays, and what it returned."""
 
-    __slots__ = ("buffers", "memo", "modes", "params", "positions", "rng", "shapes", "used")
+    __slots__ = (
+        "buffers",
+        "generators",
+        "memo",
+        "modes",
+        "params",
+        "positions",
+        "rng",
+        "shapes",
+        "substates",
+        "used",
+    )
 
     def __init__(self) -> None:
+        self.generators: Any = None  # for a memo made during the call
         self.params: list[Any] = []  # the tensors in the walk's slots
         self.positions: list[int] = []  # each one's source position (-1: needs no gradient)
         self.used: list[int] = []  # the sources it read, each once (externals too)
@@ -44,10 +57,15 @@ class Record:
         self.rng: Any = None
         self.memo: MemoRecord | None = None
         self.shapes: list[Any] | None = None  # what it returned, for the recomputation's check
+        self.substates: Any = None  # random states per submodule call (invertible steps)
 
 
 class Kind:
-    """One kind of state (see the module's docstring)."""
+    """One kind of state (see the module's docstring).
+
+    ``restore`` returns ``None`` when it had nothing to put back (then ``undo`` is not
+    called): most recomputations find most of their state as the forward left it.
+    """
 
     __slots__ = ()
 
@@ -58,7 +76,7 @@ class Kind:
         """After the forward call."""
 
     def restore(self, record: Record, walk: Any, back: Any) -> Any:
-        """Before its recomputation: put it back; return what ``undo`` needs."""
+        """Before its recomputation: put it back; what ``undo`` needs, or ``None``."""
 
     def undo(self, token: Any) -> None:
         """After the recomputation: the live state as it was."""
@@ -71,15 +89,18 @@ class ParameterSlots(Kind):
         record.params = [slots[name] for slots, name in walk.slots]
 
     def restore(self, record: Record, walk: Any, back: Any) -> Any:
+        params = record.params
+        live = [slots[name] for slots, name in walk.slots]
+        if back.identity and all(map(is_, live, params)):
+            return None  # the slots hold what the recomputation differentiates
         handles = back.handles
         swapped = []  # the slots whose live tensor is not what the recomputation needs
-        for (slots, name), t, position in zip(walk.slots, record.params, record.positions):
+        for (slots, name), t, position, now in zip(walk.slots, params, record.positions, live):
             needed = handles[position] if position >= 0 else t
-            live = slots[name]
-            if live is not needed:
-                swapped.append((slots, name, live))
+            if now is not needed:
+                swapped.append((slots, name, now))
                 slots[name] = needed
-        return swapped
+        return swapped or None
 
     def undo(self, token: Any) -> None:
         for slots, name, live in token:
@@ -90,9 +111,11 @@ class TrainingModes(Kind):
     __slots__ = ()
 
     def capture(self, record: Record, walk: Any, call: Any) -> None:
-        record.modes = modes_of(walk.modules)
+        record.modes = list(map(_TRAINING, walk.modules))
 
     def restore(self, record: Record, walk: Any, back: Any) -> Any:
+        if list(map(_TRAINING, walk.modules)) == record.modes:
+            return None
         return set_modes(walk.modules, record.modes)
 
     def undo(self, token: Any) -> None:
@@ -120,8 +143,7 @@ class Buffers(Kind):
         return swapped
 
     def undo(self, token: Any) -> None:
-        if token is not None:
-            token.__exit__(None, None, None)
+        token.__exit__(None, None, None)
 
 
 class RandomState(Kind):
@@ -141,10 +163,9 @@ class RandomState(Kind):
         return generators, found
 
     def undo(self, token: Any) -> None:
-        if token is not None:  # the generators back where this recomputation found them
-            generators, found = token
-            generators.set(found)
-            LOCK.release()
+        generators, found = token  # back where this recomputation found them
+        generators.set(found)
+        LOCK.release()
 
 
 class Autocast(Kind):
@@ -163,72 +184,84 @@ class Parametrizations(Kind):
     __slots__ = ()
 
     def restore(self, record: Record, walk: Any, back: Any) -> Any:
-        if not _torch.parametrizations_cached():
-            return None
         uncached = _torch.parametrizations_uncached()
         uncached.__enter__()
         return uncached
 
     def undo(self, token: Any) -> None:
-        if token is not None:
-            token.__exit__(None, None, None)
+        token.__exit__(None, None, None)
 
 
 class Memo(Kind):
     __slots__ = ()
 
     def capture(self, record: Record, walk: Any, call: Any) -> None:
-        record.memo = MemoRecord(call.generators)
+        record.generators = call.generators  # a memo is made on its first use (_memo)
 
-    def settle(self, record: Record, walk: Any, call: Any) -> None:
-        if record.memo is not None and not record.memo.values:
-            record.memo = None  # nothing kept: nothing to hold
-
-    def restore(self, record: Record, walk: Any, back: Any) -> Any:
-        return record.memo.replay() if record.memo is not None else None
+    # restored through ``memo_of``: the recomputation's thread-local state hands it to memo
 
 
+_SLOTS, _MODES, _BUFFERS, _RANDOM = ParameterSlots(), TrainingModes(), Buffers(), RandomState()
+_AUTOCAST, _PARAMETRIZATIONS = Autocast(), Parametrizations()
 KINDS: tuple[Kind, ...] = (
-    ParameterSlots(),
-    TrainingModes(),
-    Buffers(),
-    RandomState(),
-    Autocast(),
-    Parametrizations(),
+    _SLOTS,
+    _MODES,
+    _BUFFERS,
+    _RANDOM,
+    _AUTOCAST,
+    _PARAMETRIZATIONS,
     Memo(),
 )
+_CAPTURING = tuple(k for k in KINDS if type(k).capture is not Kind.capture)
+_SETTLING = tuple(k for k in KINDS if type(k).settle is not Kind.settle)
 
 
 def capture(record: Record, walk: Any, call: Any) -> None:
     """Before a forward call: every kind notes what it reads."""
-    for kind in KINDS:
+    for kind in _CAPTURING:
         kind.capture(record, walk, call)
 
 
 def settle(record: Record, walk: Any, call: Any) -> None:
     """After the forward call."""
-    for kind in KINDS:
+    for kind in _SETTLING:
         kind.settle(record, walk, call)
 
 
-def restore(record: Record, walk: Any, back: Any) -> list[Any]:
+def restoring(autocast: bool) -> tuple[Kind, ...]:
+    """The kinds one backward restores.
+
+    Autocast only where it differs from the forward's; parametrizations only under
+    ``parametrize.cached()``.
+    """
+    kinds = [_SLOTS, _MODES, _BUFFERS, _RANDOM]
+    if autocast:
+        kinds.append(_AUTOCAST)
+    if _torch.parametrizations_cached():
+        kinds.append(_PARAMETRIZATIONS)
+    return tuple(kinds)
+
+
+def restore(record: Record, walk: Any, back: Any) -> list[tuple[Kind, Any]]:
     """Before the recomputation: everything back as the forward call read it."""
-    tokens = []
+    done: list[tuple[Kind, Any]] = []
     try:
-        for kind in KINDS:
-            tokens.append(kind.restore(record, walk, back))
+        for kind in back.kinds:
+            token = kind.restore(record, walk, back)
+            if token is not None:
+                done.append((kind, token))
     except BaseException:
-        undo(tokens)
+        undo(done)
         raise
-    return tokens
+    return done
 
 
-def undo(tokens: list[Any]) -> None:
+def undo(done: list[tuple[Kind, Any]]) -> None:
     """After the recomputation: the live state as it was, last kind first."""
-    for kind, token in reversed(list(zip(KINDS, tokens))):
+    for kind, token in reversed(done):
         kind.undo(token)
 
 
-def memo_of(tokens: list[Any]) -> MemoRecord | None:
-    """The memo a recomputation replays (the token ``restore`` gave for ``Memo``)."""
-    return tokens[-1]
+def memo_of(record: Record) -> MemoRecord | None:
+    """The memo a recomputation replays."""
+    return record.memo.replay() if record.memo is not None else None

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from .._torch import contents
+
 State = tuple[torch.Tensor, ...]
 
 LOCK = threading.RLock()  # held around recorded calls and recomputations that set the state
@@ -83,7 +85,10 @@ class Generators:
 
     def capture(self) -> State:
         """The state of every generator."""
-        return tuple(g.get_state() for g in self.generators)
+        generators = self.generators
+        if len(generators) == 1:
+            return (generators[0].get_state(),)
+        return tuple([g.get_state() for g in generators])
 
     def set(self, state: State) -> None:
         """Set every generator to ``state``."""
@@ -98,7 +103,7 @@ class Generators:
 
 def same(a: State, b: State) -> bool:
     """Whether two captured states are equal."""
-    return a is b or all(map(torch.equal, a, b))
+    return a is b or list(map(contents, a)) == list(map(contents, b))
 
 
 class Tracker:
@@ -110,29 +115,31 @@ class Tracker:
     last call.
     """
 
-    __slots__ = ("generators", "last", "pending")
+    __slots__ = ("generators", "last", "last_contents", "pending")
 
     def __init__(self, generators: Generators) -> None:
         self.generators = generators
         self.last: State | None = None
+        self.last_contents: list[bytes] = []
         self.pending: Any = None  # the record of the last call, not settled yet
 
     def before(self, record: Any) -> None:
         state = self.generators.capture()
-        self._settle(state)
-        self.last = state
+        now = list(map(contents, state))
+        if now == self.last_contents:
+            assert self.last is not None
+            state = self.last  # nothing drew since: one state, held once
+            if self.pending is not None:
+                self.pending.rng = None  # the last call drew nothing: nothing to replay
+        self.last, self.last_contents = state, now
         record.rng = state
         self.pending = record
 
     def flush(self) -> None:
-        if self.pending is not None:
-            self._settle(self.generators.capture())
-
-    def _settle(self, now: State) -> None:
         pending = self.pending
         if pending is not None:
-            if same(now, pending.rng):
-                pending.rng = None  # it drew nothing: nothing to replay
+            if list(map(contents, self.generators.capture())) == self.last_contents:
+                pending.rng = None
             self.pending = None
 
 
@@ -186,3 +193,67 @@ def every_generator() -> Generators:
     if generators is None:
         generators = _cache[devices] = Generators(devices)
     return generators
+
+
+class PerModule:
+    """The random state at each submodule call inside one call: recorded, then replayed.
+
+    An invertible module's inverse may call its submodules in another order than its
+    forward (a coupling block's two subnets): the state of the whole call does not tell
+    which draws each submodule made. So its forward call records, at each submodule call,
+    the state it starts from (``(module, k)`` for its ``k``-th call); its inverse and its
+    recomputation set it again there. A call that drew nothing keeps nothing.
+    """
+
+    __slots__ = ("counts", "generators", "last", "states", "thread")
+
+    def __init__(
+        self, generators: Generators, states: dict[tuple[int, int], State] | None = None
+    ) -> None:
+        self.generators = generators
+        self.states: dict[tuple[int, int], State] = {} if states is None else states
+        self.counts: dict[int, int] = {}
+        self.last: tuple[State, list[bytes]] | None = None
+        self.thread = threading.get_ident()
+
+    def record(self, module: Any, args: Any) -> None:
+        if threading.get_ident() != self.thread:
+            return
+        k = self.counts.get(id(module), 0)
+        self.counts[id(module)] = k + 1
+        state = self.generators.capture()
+        now = list(map(contents, state))
+        if self.last is not None and self.last[1] == now:
+            state = self.last[0]  # nothing drew since: held once
+        self.last = (state, now)
+        self.states[id(module), k] = state
+
+    def replay(self, module: Any, args: Any) -> None:
+        if threading.get_ident() != self.thread:
+            return
+        k = self.counts.get(id(module), 0)
+        self.counts[id(module)] = k + 1
+        state = self.states.get((id(module), k))
+        if state is not None:
+            self.generators.set(state)
+
+    def kept(self) -> dict[tuple[int, int], State] | None:
+        """What the recording kept: nothing if every submodule started from one state."""
+        if len({id(s) for s in self.states.values()}) <= 1:
+            return None
+        return self.states
+
+
+class around_submodules:  # noqa: N801 (a context manager, like contextlib's)
+    """Run ``hook`` before every module call made inside the context (this thread's)."""
+
+    __slots__ = ("handle", "hook")
+
+    def __init__(self, hook: Any) -> None:
+        self.hook = hook
+
+    def __enter__(self) -> None:
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self.hook)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()

@@ -10,12 +10,24 @@ Each adapter is a submodule, imported on first use (``import revtree`` imports n
   se3-transformer-pytorch's reversible trunk.
 - [`revtree.adapters.momentumnet`][revtree.adapters.momentumnet]: momentumnet's
   ``MomentumNet`` and ``transform_to_momentumnet``.
+- [`revtree.adapters.pyg`][revtree.adapters.pyg]: torch_geometric's ``GroupAddRev``.
+- [`revtree.adapters.freia`][revtree.adapters.freia]: FrEIA's ``SequenceINN``.
+- [`revtree.adapters.toolkit`][revtree.adapters.toolkit]: what the adapters are written
+  with, for your own.
 """
 
 import importlib
 from types import ModuleType
 
-_ADAPTERS = ("equiformer", "momentumnet", "reformer", "se3_transformer")
+_ADAPTERS = (
+    "equiformer",
+    "freia",
+    "momentumnet",
+    "pyg",
+    "reformer",
+    "se3_transformer",
+    "toolkit",
+)
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._torch import functorch_active
+from .._torch import functorch_active as batched  # no foreach ops under vmap
 from ._base import Elementwise
 
 
@@ -38,21 +38,16 @@ class Additive(Elementwise):
     def combine_leaves(  # noqa: D102
         self, x: list[torch.Tensor], update: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        if torch.is_grad_enabled() or type(self).combine is not Additive.combine or _batched():
+        if torch.is_grad_enabled() or type(self).combine is not Additive.combine or batched():
             return super().combine_leaves(x, update)
         return list(torch._foreach_add(x, update))
 
     def uncombine_leaves(  # noqa: D102
         self, y: list[torch.Tensor], update: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        if torch.is_grad_enabled() or type(self).uncombine is not Additive.uncombine or _batched():
+        if torch.is_grad_enabled() or type(self).uncombine is not Additive.uncombine or batched():
             return super().uncombine_leaves(y, update)
         return list(torch._foreach_sub(y, update))
 
     def __repr__(self) -> str:
         return "Additive()"
-
-
-def _batched() -> bool:
-    """Whether ``torch.vmap`` (or another ``torch.func`` transform) runs: no foreach ops there."""
-    return functorch_active()
