@@ -7,6 +7,7 @@ the structure is the expected one (``_trees.leaves_as``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -14,7 +15,7 @@ import torch
 from optree import PyTreeSpec
 
 from . import _trees
-from ._errors import RevtreeError
+from ._errors import RevtreeError, RevtreeWarning
 from ._torch import versions
 
 Leaves = list[torch.Tensor]
@@ -290,6 +291,20 @@ def foreign_found(index: int, which: str) -> NoReturn:
     )
 
 
+def escaped(index: int, which: str) -> None:
+    """``f`` kept, somewhere, a tensor computed from its input that carries a gradient."""
+    warnings.warn(
+        f"{where(index, which)} keeps a tensor computed from its input that carries a "
+        "gradient (on a module attribute, in a hook's capture, in a list): inside a "
+        "reversible stack it is computed without autograd, so a loss made from it would pass "
+        "no gradient back through it. Hint: return it as a side output (side=True on the "
+        "block or step, and the sequence returns it beside its output), or detach it where "
+        "it is kept if it is only read (logging, inspection).",
+        RevtreeWarning,
+        stacklevel=7,
+    )
+
+
 def reentrant_checkpoint(index: int, which: str) -> NoReturn:
     """A reentrant ``torch.utils.checkpoint`` inside ``f`` cannot run in a recomputation."""
     fail(
@@ -313,6 +328,26 @@ def output_modified(indices: Sequence[int], name: str, tensor: torch.Tensor) -> 
         f"{indices[0]}..{indices[-1]} was changed in place after the forward pass; backward "
         "rebuilds the blocks' inputs from it, so it must keep the values the forward gave. "
         "Hint: change a copy (y = y.clone(); y.add_(...)) or compute out of place (y = y + ...)."
+    )
+
+
+def function_changed(index: int, which: str, what: str) -> NoReturn:
+    """A block's function changed between the forward and the backward pass."""
+    fail(
+        index,
+        which,
+        f"changed between the forward and the backward pass ({what}); backward recomputes "
+        "it, and would compute another function than the forward did. Hint: change the "
+        "model after backward (or before the forward), not in between.",
+    )
+
+
+def parameter_converted(indices: Sequence[int], shape: tuple[int, ...], was: str) -> NoReturn:
+    """A parameter changed dtype or device between the forward and the backward pass."""
+    raise RevtreeError(
+        f"a parameter of shape {shape} in blocks {indices[0]}..{indices[-1]} was {was} between "
+        "the forward and the backward pass (model.float(), .to(...)), so the blocks cannot be "
+        "recomputed as they ran. Hint: convert the model before the forward or after the step."
     )
 
 

@@ -19,6 +19,7 @@ from ._budget import MemoryPlan, choose, measure
 from ._context import Context, Route, parse_route
 from ._engine import _node, _pass
 from ._engine._compiled import Compiled
+from ._engine._fsdp import is_unit
 from ._engine._learned import Learned
 from ._engine._run import Call, Settings, Shared, transform_error
 from ._errors import RevtreeError, RevtreeWarning
@@ -138,6 +139,8 @@ class ReversibleSequence(nn.Module):
         self._learned = Learned()
         self._compiled_engine = Compiled(self._learned) if compile else None
         self.coupling = coupling
+        self._reversible: tuple[bool, ...] = ()
+        self._reversible_all: bool | None = None
         self.reversible = reversible
         self.route = route
         if not isinstance(preserve_rng_state, bool):
@@ -314,10 +317,19 @@ class ReversibleSequence(nn.Module):
     @property
     def reversible(self) -> tuple[bool, ...]:
         """For each block, whether it is recomputed in backward (``True``) or stores activations."""
+        if len(self._reversible) != len(self.blocks):  # blocks added or removed since
+            if self._reversible_all is None:
+                raise RevtreeError(
+                    f"reversible has {len(self._reversible)} flags for {len(self.blocks)} "
+                    "blocks: blocks were added or removed since it was set. Hint: set "
+                    "seq.reversible = [...] again, one flag per block (or True for all)."
+                )
+            self._reversible = (self._reversible_all,) * len(self.blocks)
         return self._reversible
 
     @reversible.setter
     def reversible(self, value: bool | Sequence[bool]) -> None:
+        self._reversible_all = value if isinstance(value, bool) else None
         if isinstance(value, bool):
             flags = (value,) * len(self.blocks)
         else:
@@ -330,7 +342,7 @@ class ReversibleSequence(nn.Module):
         self._reversible = flags
 
     def extra_repr(self) -> str:  # noqa: D102
-        flags = self._reversible
+        flags = self.reversible
         mode = flags[0] if flags and len(set(flags)) == 1 else list(flags)
         return (
             f"codec={self.codec!r}, coupling={self.coupling!r}, reversible={mode}, "
@@ -477,7 +489,7 @@ class ReversibleSequence(nn.Module):
             tuple((t.shape, t.dtype, t.device) for part in state for t in part),
             tuple((t.shape, t.dtype) for t in shared.context.tensors),
         )
-        fixed = tuple(not r for r in self._reversible)
+        fixed = tuple(not r for r in self.reversible)
         key = (signature, self.memory_budget, fixed)
         plan = self._plans.get(key)
         if plan is None:
@@ -516,6 +528,13 @@ class ReversibleSequence(nn.Module):
         planned = []
         for index in indices:
             block = self._block(index)
+            if _torch.forward_hooks(block) and not is_unit(block):  # (FSDP units call it)
+                raise RevtreeError(
+                    f"block {index} has forward hooks of its own: a Block is not called as a "
+                    "module (its functions are, and again in backward). Hint: register the "
+                    "hook on seq.blocks[i].f or .g (revtree.is_recomputing() tells the "
+                    "recomputation apart), or on the sequence."
+                )
             key = (block, self._coupling, normal, layout.parts)
             program = programs.get(key)
             if program is None:
@@ -558,7 +577,7 @@ class ReversibleSequence(nn.Module):
         indices: Sequence[int] | None = None,
     ) -> Any:
         """Run the blocks ``indices`` (all, by default) in order."""
-        reversible = torch.is_grad_enabled() and any(self._reversible)
+        reversible = torch.is_grad_enabled() and any(self.reversible)
         if _torch.functorch_active() or (
             _torch.forward_ad_active() and any(map(_torch.has_tangent, _tensors(x, kwargs)))
         ):
@@ -633,7 +652,7 @@ class ReversibleSequence(nn.Module):
         """
         if not torch.is_grad_enabled():
             return [True] * len(planned)
-        every = tuple(not r for r in self._reversible)
+        every = tuple(not r for r in self.reversible)
         if self.memory_budget == float("inf"):
             every = (True,) * len(every)
         elif self.memory_budget:

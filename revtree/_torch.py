@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter
 from typing import Any
 
@@ -96,11 +96,34 @@ def non_persistent_buffers(m: nn.Module) -> set[str]:
     return m._non_persistent_buffers_set
 
 
+_HOOK_DICTS = attrgetter(
+    "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"
+)
+
+
+def hooks_count(modules: Sequence[nn.Module]) -> int:
+    """How many forward and backward hooks ``modules`` carry, all told."""
+    return sum(map(len, chain.from_iterable(map(_HOOK_DICTS, modules))))
+
+
+def forward_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` carries forward hooks or forward pre-hooks."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
 def has_module_hooks(m: nn.Module) -> bool:
     """Whether ``m`` itself carries forward or backward hooks."""
     return bool(
         m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
     )
+
+
+def modes_active() -> bool:
+    """Whether a ``TorchFunctionMode`` or ``TorchDispatchMode`` is in force (a flop counter)."""
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return bool(_get_current_function_mode_stack() or _get_current_dispatch_mode_stack())
 
 
 def has_global_module_hooks() -> bool:
@@ -141,6 +164,29 @@ class parametrizations_uncached:  # noqa: N801 (a context manager, like contextl
 
     def __exit__(self, *exc: Any) -> None:
         parametrize._cache_enabled = self.entered.pop()
+
+
+class forward_as_recomputed:  # noqa: N801 (a context manager, like contextlib's)
+    """What a recorded forward call runs inside, so that it computes what its recomputation will.
+
+    The forward call runs without autograd, its recomputation with: code that branches on
+    that must take the same branch. torch's own multi-head attention takes a fast path
+    without autograd (in eval mode), with another result where a padding mask is given: it
+    is switched off inside.
+    """
+
+    __slots__ = ("mha",)
+
+    def __init__(self) -> None:
+        self.mha: list[bool] = []
+
+    def __enter__(self) -> None:
+        mha = torch.backends.mha
+        self.mha.append(mha.get_fastpath_enabled())
+        mha.set_fastpath_enabled(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.backends.mha.set_fastpath_enabled(self.mha.pop())
 
 
 def parametrizations_cached() -> bool:

@@ -296,3 +296,161 @@ def test_a_model_copy_learns_again():
     twin_blocks = [(b.f, b.g) for b in twin.blocks]
     expected = torch.autograd.grad(weights(plain(twin_blocks, x)), [x, *twin.parameters()])
     assert_trees_close(list(got), list(expected))
+
+
+# --------------------------------------------------------- between forward and backward
+
+
+def test_an_auxiliary_loss_kept_on_a_module_is_named_and_side_outputs_carry_it():
+    """A load-balancing loss stored as ``self.aux_loss`` would get no gradient: warned, with
+    the fix (a side output), which is exact."""
+
+    class MoE(nn.Module):
+        def __init__(self, keep):
+            super().__init__()
+            self.router, self.expert, self.keep = lin(seed=1), lin(seed=2), keep
+
+        def forward(self, x):
+            probs = self.router(x).softmax(-1)
+            aux = (probs.mean(0) ** 2).sum()
+            out = torch.tanh(self.expert(x)) * probs
+            if self.keep:
+                self.aux_loss = aux
+                return out
+            return out, aux
+
+    seq = revtree.ReversibleSequence([(MoE(keep=True), lin(seed=3))])
+    with pytest.warns(revtree.RevtreeWarning, match=r"block 0: f keeps a tensor .* side output"):
+        seq(x_(4, 6))
+    blocks = [revtree.Block(MoE(keep=False), lin(seed=3), side=(True, False)) for _ in range(2)]
+    seq = revtree.ReversibleSequence(blocks)
+    x = x_(4, 6)
+    y, aux = seq(x)
+    params = list(seq.parameters())
+    got = torch.autograd.grad(weights(y) + 10 * aux, [x, *params])
+    x1, x2 = x.chunk(2, -1)
+    total = 0
+    for block in blocks:
+        u, a = block.f(x2)
+        x1 = x1 + u
+        x2 = x2 + block.g(x1)
+        total = total + a
+    expected = torch.autograd.grad(weights(torch.cat((x1, x2), -1)) + 10 * total, [x, *params])
+    assert_trees_close(list(got), list(expected))
+
+
+def test_a_forward_hook_capturing_activations_is_named():
+    f = nn.Sequential(lin(seed=1), nn.Tanh())
+    kept = []
+    f[0].register_forward_hook(lambda m, args, out: kept.append(out))
+    seq = revtree.ReversibleSequence([(f, lin(seed=2))])
+    with pytest.warns(revtree.RevtreeWarning, match="in a hook's capture"):
+        seq(x_(4, 6))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_transformer_encoder_in_eval_with_a_padding_mask(mode):
+    """torch's attention fast path (eval, no autograd) is not taken by the forward either."""
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True).double()
+
+        def forward(self, x, pad=None):
+            return self.enc(x, src_key_padding_mask=pad)
+
+    torch.manual_seed(0)
+    blocks = [(Encoder(), Encoder()) for _ in range(2)]
+    seq = revtree.ReversibleSequence(blocks, route="both").eval()
+    pad = torch.tensor([[False, False, True, True], [False, False, False, True]])
+    x = x_(2, 4, 16)
+    params = list(seq.parameters())
+    for _ in range(2):
+        got = grads(weights(seq(x, pad=pad)), [x, *params], mode)
+        x1, x2 = x.chunk(2, -1)
+        for f, g in blocks:
+            x1 = x1 + f(x2, pad=pad)
+            x2 = x2 + g(x1, pad=pad)
+        expected = grads(weights(torch.cat((x1, x2), -1)), [x, *params], mode)
+        assert_trees_close(got, expected)
+
+
+def test_compiled_hooks_registered_after_the_block_was_compiled():
+    blocks = [(_dropout_mlp(0.0, i), _dropout_mlp(0.0, 10 + i)) for i in range(2)]
+    seq = revtree.ReversibleSequence(blocks, compile=True)
+    x = x_(4, 6)
+    for step in range(3):
+        _compiled_step(seq, blocks, x, step)
+    blocks[1][0].register_forward_hook(lambda m, args, out: out * 2)
+    with pytest.warns(revtree.RevtreeWarning, match="block 1 runs on the eager engine.*hooks"):
+        _compiled_step(seq, blocks, x, 5)
+    assert seq._compiled_engine.ran == {0}
+
+
+def test_a_submodule_replaced_between_forward_and_backward_is_an_error():
+    f = nn.Sequential(lin(seed=1), nn.Tanh(), lin(seed=2))
+    seq = revtree.ReversibleSequence([(f, lin(seed=3))])
+    y = seq(x_(4, 6))
+    f[2] = lin(seed=4)
+    with pytest.raises(revtree.RevtreeError, match=r"block 0: f changed between the forward and"):
+        y.sum().backward()
+
+
+def test_a_forward_hook_removed_between_forward_and_backward_is_an_error():
+    f = lin(seed=1)
+    seq = revtree.ReversibleSequence([(f, lin(seed=2))])
+    handle = f.register_forward_hook(lambda m, args, out: out * 2)
+    y = seq(x_(4, 6))
+    handle.remove()
+    with pytest.raises(revtree.RevtreeError, match=r"hooks of its modules were added or removed"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_parameter_frozen_between_forward_and_backward_gets_none(mode):
+    blocks = [(lin(seed=1), lin(seed=2)), (lin(seed=3), lin(seed=4))]
+    seq = revtree.ReversibleSequence(blocks)
+    x = x_(4, 6)
+    y = seq(x)
+    frozen = blocks[1][0].weight
+    frozen.requires_grad_(False)
+    others = [p for p in seq.parameters() if p.requires_grad]
+    got = grads(weights(y), [x, *others], mode)
+    frozen.requires_grad_(True)
+    y_ref = plain(blocks, x)
+    frozen.requires_grad_(False)
+    expected = grads(weights(y_ref), [x, *others], mode)
+    assert_trees_close(got, expected)
+    assert frozen.grad is None
+
+
+def test_a_model_converted_between_forward_and_backward_is_an_error():
+    seq = revtree.ReversibleSequence([(lin(seed=1), lin(seed=2))])
+    y = seq(x_(4, 6))
+    seq.float()
+    with pytest.raises(revtree.RevtreeError, match=r"converted from torch.float64 on cpu to"):
+        y.sum().backward()
+
+
+def test_blocks_appended_between_steps_run_as_the_others():
+    seq = revtree.ReversibleSequence([(lin(seed=1), lin(seed=2))])
+    x = x_(4, 6)
+    weights(seq(x)).backward()
+    seq.blocks.append(revtree.Block(lin(seed=3), lin(seed=4)))
+    blocks = [(b.f, b.g) for b in seq.blocks]
+    got = torch.autograd.grad(weights(seq(x)), [x, *seq.parameters()])
+    expected = torch.autograd.grad(weights(plain(blocks, x)), [x, *seq.parameters()])
+    assert_trees_close(list(got), list(expected))
+    mixed = revtree.ReversibleSequence([(lin(seed=1), lin(seed=2))], reversible=[False])
+    mixed.blocks.append(revtree.Block(lin(seed=3), lin(seed=4)))
+    with pytest.raises(revtree.RevtreeError, match=r"reversible has 1 flags for 2 blocks"):
+        mixed(x)
+
+
+def test_forward_hooks_on_a_block_say_where_to_put_them():
+    seq = revtree.ReversibleSequence([(lin(seed=1), lin(seed=2))])
+    seq.blocks[0].register_forward_hook(lambda m, args, out: None)
+    with pytest.raises(revtree.RevtreeError, match=r"block 0 has forward hooks of its own"):
+        seq(x_(4, 6))

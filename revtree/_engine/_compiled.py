@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch.func import functional_call, vjp
 
+from .. import _torch
 from .._errors import RevtreeWarning
 from .._replay._autocast import AutocastState
 from .._replay._modes import modes_of, restore_modes, set_modes
@@ -116,6 +117,9 @@ class Compiled:
         """Block ``run`` forward: compiled if trusted, else ``eager(run, call, state)``, judged."""
         key = self._key(run, x_signature(state))
         verdict = self._verdict(key)
+        if verdict is None and run.hooks + _torch.has_global_module_hooks():
+            self._judge(run, key, _HOOKS)  # hooks registered since it was judged
+            verdict = _HOOKS
         if verdict is None and self._run_forward(run, call, state, key):
             self.ran.add(run.index)
             return
@@ -262,6 +266,7 @@ class Compiled:
 
 
 _DRAWS = "it draws random numbers (dropout)"
+_HOOKS = "it has hooks of its own"
 
 # the compiled functions of every sequence, by coupling, layout and keyword structure: two
 # sequences of one layout (or one rebuilt, copied or loaded) share them, and their graphs
@@ -300,10 +305,8 @@ def _forward_verdict(run: BlockRun, call: Call, before: tuple[torch.Tensor, ...]
     policy = call.policy
     if any(policy.changes(m) for walk in run.walks for m in walk.buffered):
         return "it changes its buffers (running statistics)"
-    from .. import _torch
-
-    if any(_torch.has_module_hooks(m) for walk in run.walks for m in walk.modules):
-        return "it has hooks of its own"
+    if run.hooks:
+        return _HOOKS
     if any(walk.open for walk in run.walks):
         return "it reads tensors beyond its modules (a closure, a plain attribute)"
     return None

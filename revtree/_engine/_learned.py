@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from operator import attrgetter
 from typing import Any
 
 from torch import nn
@@ -30,20 +31,36 @@ from ._fsdp import is_unit
 
 # ------------------------------------------------------------------- what invalidates
 
-_epoch = [0]  # bumped whenever a module some walk holds registers something new
-_watched: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+# for each module some walk (or block knowledge) holds, what goes stale when it registers a
+# new child, parameter or buffer
+_watched: weakref.WeakKeyDictionary[nn.Module, list[weakref.ref[Any]]] = weakref.WeakKeyDictionary()
+
+
+def _watch(module: nn.Module, dependent: Any) -> None:
+    found = _watched.setdefault(module, [])
+    if len(found) > 16:  # walks built again since (a plain function's closure changed)
+        found[:] = [ref for ref in found if ref() is not None]
+    found.append(weakref.ref(dependent))
+
+
+def _stale(module: nn.Module) -> None:
+    dependents = _watched.pop(module, None)
+    for ref in dependents or ():
+        found = ref()
+        if found is not None:
+            found.stale = True
 
 
 def _child_registered(module: nn.Module, name: str, value: Any) -> None:
     if module in _watched:
-        _epoch[0] += 1
+        _stale(module)
 
 
 def _tensor_registered(kind: str) -> Any:
     def hook(module: nn.Module, name: str, value: Any) -> None:
         # a tensor put in an existing slot is read per call; a new slot changes the walk
         if module in _watched and getattr(module, kind).get(name) is None:
-            _epoch[0] += 1
+            _stale(module)
 
     return hook
 
@@ -53,6 +70,7 @@ _torch.on_registration(_tensor_registered("_parameters"), "parameter")
 _torch.on_registration(_tensor_registered("_buffers"), "buffer")
 
 _serials = itertools.count()
+_STALE = attrgetter("stale")
 
 
 def _fingerprint(plain: list[Any]) -> tuple[Any, ...]:
@@ -86,8 +104,8 @@ class Walk:
 
     __slots__ = (
         "buffered",
+        "__weakref__",
         "discovered",
-        "epoch",
         "fingerprint",
         "managed",
         "modules",
@@ -96,6 +114,7 @@ class Walk:
         "plain",
         "serial",
         "slots",
+        "stale",
         "_structure",
     )
 
@@ -112,7 +131,7 @@ class Walk:
         while stack:
             m, prefix, unit = stack.pop()
             modules.append(m)
-            _watched.add(m)
+            _watch(m, self)
             if isinstance(m, Fn):
                 plain.append(m)
             if not unit and is_unit(m):
@@ -130,7 +149,7 @@ class Walk:
                 stack.extend((c, f"{prefix}{n}.", unit) for n, c in kids.items() if c is not None)
         self.slots, self.names = slots, names
         self.buffered, self.modules, self.plain = buffered, modules, plain
-        self.epoch = _epoch[0]
+        self.stale = False  # set when a module it holds registers something new
         self.fingerprint = _fingerprint(plain) if plain else ()
         self.serial = next(_serials)
         self.discovered = False
@@ -150,7 +169,7 @@ class Walk:
 
     def valid(self) -> bool:
         """Whether nothing it depends on has changed since it was built."""
-        if self.epoch != _epoch[0]:
+        if self.stale:
             return False
         return not self.plain or _fingerprint(self.plain) == self.fingerprint
 
@@ -158,21 +177,23 @@ class Walk:
 class Known:
     """One block, as the engine knows it: its functions, their names and walks."""
 
-    __slots__ = ("epoch", "fns", "managed", "names", "plain", "walks")
+    __slots__ = ("__weakref__", "fns", "managed", "names", "plain", "stale", "walks")
 
     def __init__(self, block: Any, learned: Learned) -> None:
-        _watched.add(block)  # a function replaced (block.f = ...) is a registration
+        self.stale = False
+        _watch(block, self)  # a function replaced (block.f = ...) is a registration
+        if "steps" in block._modules:
+            _watch(block.steps, self)  # (a step replaced or added)
         self.fns: list[nn.Module] = block.functions()
         self.names: list[str] = block.names()
         managed = is_unit(block)
         self.walks = [learned.walk(fn, managed) for fn in self.fns]
         self.plain = any(w.plain for w in self.walks)
         self.managed = any(w.managed for w in self.walks)
-        self.epoch = _epoch[0]
 
     def valid(self) -> bool:
         """Whether nothing it depends on has changed since it was built."""
-        if self.epoch != _epoch[0]:
+        if self.stale or any(map(_STALE, self.walks)):
             return False
         return not self.plain or all(w.valid() for w in self.walks)
 

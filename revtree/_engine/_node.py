@@ -50,6 +50,7 @@ Leaves = list[torch.Tensor]
 State = list[Leaves]
 
 _REQUIRES_GRAD = attrgetter("requires_grad")
+_KIND = attrgetter("dtype", "device")
 
 # the decoded outputs of reversible calls, to be relieved by a later call taking one as input
 _OUTPUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -92,6 +93,7 @@ class Tape:
         "feeds",
         "held",
         "hooked",
+        "kinds",
         "kw_versions",
         "managed",
         "positions",
@@ -111,6 +113,7 @@ class Tape:
         self.positions: dict[int, int] = {}  # id(source) -> its position in sources
         self.externals: frozenset[int] = frozenset()  # positions of sources read by closure
         self.versions: list[int] = []
+        self.kinds: list[tuple[torch.dtype, torch.device]] = []  # the sources' dtypes, devices
         self.kw_versions: list[int] = []
         self.hooked = False  # whether a function has module hooks of its own
         self.managed = False  # whether FSDP manages parameters of a block
@@ -175,10 +178,26 @@ class Tape:
         return [run.index for run in self.runs]
 
     def check(self, keywords: Leaves) -> None:
-        """Raise if what backward reads was changed in place since the forward."""
+        """Raise if what backward reads changed since the forward: in place, or otherwise."""
         if self.versions and _torch.versions(self.sources) != self.versions:
             k = _checks.modified(self.sources, self.versions) or 0
             _checks.parameter_modified(self.indices(), tuple(self.sources[k].shape))
+        if self.kinds and list(map(_KIND, self.sources)) != self.kinds:
+            k = next(i for i, t in enumerate(self.sources) if _KIND(t) != self.kinds[i])
+            dtype, device = self.kinds[k]
+            t = self.sources[k]
+            was = f"converted from {dtype} on {device} to {t.dtype} on {t.device}"
+            _checks.parameter_converted(self.indices(), tuple(t.shape), was)
+        for run in self.runs:
+            if not all(w.valid() for w in run.walks):
+                who = next(n for n, w in zip(run.names, run.walks) if not w.valid())
+                what = "a submodule, parameter or buffer was added or replaced"
+                _checks.function_changed(run.index, who, what)
+            if run.hooks != sum(_torch.hooks_count(w.modules) for w in run.walks):
+                who = " or ".join(run.names)
+                _checks.function_changed(
+                    run.index, who, "hooks of its modules were added or removed"
+                )
         if self.kw_versions and _torch.versions(keywords) != self.kw_versions:
             k = _checks.modified(keywords, self.kw_versions) or 0
             _checks.keyword_changed(self.indices(), self.shared.context.name(k), keywords[k])
@@ -440,7 +459,8 @@ def relieve(tape: Tape, leaves: Leaves) -> None:
             continue
         held = holder.held
         alias = held.decoded.get(i)
-        if alias is None or alias._version != leaf._version:
+        recorded = next((v for a, v, _ in held.checked if a is alias), None)
+        if alias is None or alias._version != recorded:
             continue  # already taken over, or changed in place since: it stays held
         del held.decoded[i]
         held.checked = [c for c in held.checked if c[0] is not alias]

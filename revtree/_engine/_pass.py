@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 from itertools import chain
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from ._steps import KINDS
 Leaves = list[torch.Tensor]
 State = list[Leaves]
 Planned = tuple[int, Block, list[Spec]]  # a block to run: its index, itself, its program
+_KIND = attrgetter("dtype", "device")
 
 
 def forward_block(run: BlockRun, call: Call, state: State) -> list[Any]:
@@ -103,6 +105,7 @@ def forward_nodes(
                 at += 1
                 run = BlockRun(shared, index, block, program, tape)
                 tape.hooked = tape.hooked or any(map(_torch.has_module_hooks, run.fns))
+                run.hooks = sum(_torch.hooks_count(w.modules) for w in run.walks)
                 tape.managed = tape.managed or run.managed
                 if settings.check_drift is not None:
                     run.sample = _drift.sample([t for part in state for t in part])
@@ -133,6 +136,7 @@ def forward_nodes(
         tape.side_specs = [[0 if s is None else s[1] for s in row] for row in side_specs]
         tape.sizes = [len(part) for part in state]
         tape.versions = _torch.versions(tape.sources)
+        tape.kinds = list(map(_KIND, tape.sources))
         tape.kw_versions = _torch.versions(keywords) if keywords else []
         outputs = [t for part in state for t in part]
         out = apply(tape, [*outputs, *side_leaves], [*inputs, *keywords, *sources])

@@ -17,6 +17,7 @@ of it put back.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
@@ -83,7 +84,16 @@ class Shared:
 class Call:
     """One call of a sequence, for its forward pass only (it dies with the forward)."""
 
-    __slots__ = ("_kwargs", "_views", "generators", "policy", "shared", "tracker", "uncached")
+    __slots__ = (
+        "_kwargs",
+        "_views",
+        "as_recomputed",
+        "generators",
+        "policy",
+        "shared",
+        "tracker",
+        "uncached",
+    )
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
@@ -97,6 +107,7 @@ class Call:
         self.uncached: Any = (
             _torch.parametrizations_uncached() if _torch.parametrizations_cached() else NOTHING
         )
+        self.as_recomputed = _torch.forward_as_recomputed()
 
     def record(self, state: list[Leaves], preserve_rng: bool | None = None) -> None:
         """Capture what a recomputation replays: the generators in use and the autocast state."""
@@ -163,11 +174,12 @@ def _detach(t: torch.Tensor) -> torch.Tensor:
     return t.detach()  # not t: a node saving its own output would then never be freed
 
 
-def _detached(out: Any) -> Any:
+def _detached(out: Any, namespace: str) -> Any:
     return optree.tree_map(
         lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
         out,
         none_is_leaf=_trees.NONE_IS_LEAF,
+        namespace=namespace,
     )
 
 
@@ -182,6 +194,7 @@ class BlockRun:
         "block",
         "compiled",
         "fns",
+        "hooks",
         "index",
         "managed",
         "names",
@@ -215,6 +228,7 @@ class BlockRun:
             self.records = [[] for _ in self.fns]
         self.sample: Any = None
         self.compiled = False  # whether its forward ran compiled (see _compiled)
+        self.hooks = 0  # how many hooks its modules carried in the forward (for backward)
 
     # ----------------------------------------------------------------------- forward
 
@@ -281,7 +295,11 @@ class BlockRun:
             local.now = (self.index, False, record)  # (its memo is made on first use)
             per = PerModule(call.generators) if submodules and call.generators else None
             try:
-                with call.uncached, around_submodules(per.record) if per else NOTHING:
+                with (
+                    call.uncached,
+                    call.as_recomputed,
+                    around_submodules(per.record) if per else NOTHING,
+                ):
                     if discover:
                         out = self._discover(j, walk, record, fn, args, kwargs)
                     else:
@@ -331,22 +349,24 @@ class BlockRun:
         namespace = self.shared.settings.namespace
         # its input needs a gradient, as in plain autograd (and in the recomputation): a
         # copy of a leaf that does, which it may even change in place (it is checked below)
-        sources = [_trees.flatten(a, namespace) for a in args]
-        leaves = [[t.detach().requires_grad_() for t in found] for found, _ in sources]
+        trees = [_trees.flatten(a, namespace) for a in args]
+        leaves = [[t.detach().requires_grad_() for t in found] for found, _ in trees]
         inputs = [t for part in leaves for t in part]
         # the graph is the engine's own, let go right after: hooks around the call (a
         # checkpoint's, a memory count's) must not see what it saves
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_detach, _same):
             copies = [t.clone() for t in inputs]
-            at, args = 0, []
-            for part, (_, spec) in zip(leaves, sources):
-                args.append(spec.unflatten(copies[at : at + len(part)]))
-                at += len(part)
+            sizes = [len(part) for part in leaves]
+            starts = [sum(sizes[:k]) for k in range(len(sizes))]
+            args = [
+                spec.unflatten(copies[start : start + size])
+                for (_, spec), start, size in zip(trees, starts, sizes)
+            ]
             before = _torch.versions(copies)
             out = fn(*args, **kwargs)
         outputs = [
             t
-            for t in _trees.flatten(out, self.shared.settings.namespace)[0]
+            for t in _trees.flatten(out, namespace)[0]
             if isinstance(t, torch.Tensor) and t.requires_grad
         ]
         if _torch.versions(copies) != before:
@@ -357,12 +377,21 @@ class BlockRun:
         del outputs
         if older is not None:
             _checks.foreign_found(self.index, self.names[j])
-        out = _detached(out)  # the call's graph is let go: what it created dies with it
+        out = _detached(out, namespace)  # the call's graph is let go: what it created dies with it
+        watched = [weakref.ref(t) for t in inputs]
+        del args, copies, inputs, leaves, trees
+        # something kept a graph of the call (tools that watch every module keep the inputs:
+        # a flop counter, a module tracker)
+        if any(ref() is not None for ref in watched) and not (
+            _torch.has_global_module_hooks() or _torch.modes_active()
+        ):
+            _checks.escaped(self.index, self.names[j])
         externals = _externals.alive(found)
         walk.discovered = True
         walk.open = bool(externals)
         if externals:
-            self.tape.add_externals(record, externals, _checks.where(self.index, self.names[j]))
+            tape = self.tape
+            tape.add_externals(record, externals, _checks.where(self.index, self.names[j]))
         return out
 
     def returned(self, j: int, leaves: list[Any]) -> None:

@@ -47,6 +47,7 @@ class Backward:
         "autocast",
         "context",
         "externals",
+        "frozen",
         "generators",
         "handles",
         "identity",
@@ -84,6 +85,11 @@ class Backward:
             t.detach().requires_grad_() if a and p not in self.externals else t
             for p, (t, a) in enumerate(zip(sources, aliased))
         ]
+        # sources frozen since the forward (requires_grad_(False)): no gradient, as in plain
+        # autograd; the recomputation reads them as they are
+        self.frozen = frozenset(p for p, t in enumerate(sources) if not t.requires_grad)
+        for p in self.frozen:
+            self.handles[p] = sources[p]
         self.totals: list[Any] = [None] * len(sources)
         context = shared.context
         tensors = context.tensors
@@ -148,6 +154,8 @@ class Backward:
         if not kept:
             return [None] * len(leaves)
         handles = self.handles
+        if self.frozen:
+            positions = [p for p in positions if p not in self.frozen]
         n, m = len(leaves), len(positions)
         try:
             if self.open:
@@ -216,8 +224,11 @@ class Backward:
     def source_grads(self) -> list[Any]:
         """The gradient of each source (``None`` where none reached it)."""
         if self.accumulate:
-            externals, totals = self.externals, self.totals
-            return [totals[p] if p in externals else h.grad for p, h in enumerate(self.handles)]
+            externals, frozen, totals = self.externals, self.frozen, self.totals
+            return [
+                totals[p] if p in externals or p in frozen else h.grad
+                for p, h in enumerate(self.handles)
+            ]
         return self.totals
 
     def keyword_grads(self) -> list[Any]:

@@ -16,11 +16,25 @@ def _numbers(text: str) -> tuple[int, ...]:
 def require(distribution: str, tested: str, adapter: str) -> str:
     """Check that ``distribution`` is installed; warn if it is not the ``tested`` minor release.
 
+    Args:
+        distribution: The package's name on PyPI.
+        tested: The version the adapter was tested with.
+        adapter: The adapter's module name, for the messages.
+
     Returns:
         The installed version.
 
     Raises:
         RevtreeError: The package is not installed, or is older than ``tested``.
+
+    Examples:
+        >>> from revtree import RevtreeError
+        >>> from revtree.adapters.toolkit import require
+        >>> try:
+        ...     require("no-such-package", "1.0", "mine")
+        ... except RevtreeError as e:
+        ...     print(str(e)[:58])
+        revtree.adapters.mine drives no-such-package, which is not
     """
     try:
         found = version(distribution)
