@@ -109,3 +109,15 @@ def test_patch_builds_ours():
         module_flow = Ff.SequenceINN(4)
     assert isinstance(flow, adapter.SequenceINN) and isinstance(module_flow, adapter.SequenceINN)
     assert type(SequenceINN(4)) is not adapter.SequenceINN
+
+
+def test_the_sequence_is_built_once_and_again_when_a_block_is_appended():
+    """What the engine learns about the blocks is kept from one step to the next."""
+    flow = build(adapter.SequenceINN, depth=1)
+    x, c = torch.randn(8, 6, dtype=D), torch.randn(8, 3, dtype=D)
+    flow(x, c=[c])
+    first = flow.sequence
+    flow(x, c=[c])
+    assert flow.sequence is first
+    flow.append(Fm.ActNorm)
+    assert flow.sequence is not first and len(flow.sequence.blocks) == len(first.blocks) + 1

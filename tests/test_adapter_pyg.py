@@ -153,3 +153,11 @@ def test_one_conv_needs_a_number_of_groups():
 
     with pytest.raises(RevtreeError, match="needs num_groups"):
         adapter.GroupAddRev(GNNBlock(4))
+
+
+def test_the_sequence_is_built_once_per_setting():
+    layer = adapter.GroupAddRev(nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]))
+    first = layer.sequence
+    assert layer.sequence is first
+    layer.disable = True
+    assert layer.sequence is not first

@@ -19,6 +19,9 @@ ADAPTERS = {
     "revtree.adapters.reformer": ["ReversibleSequence", "patch"],
     "revtree.adapters.se3_transformer": ["ReversibleSequence", "SequentialSequence", "patch"],
     "revtree.adapters.momentumnet": ["MomentumNet", "transform_to_momentumnet", "patch"],
+    "revtree.adapters.pyg": ["GroupAddRev", "patch"],
+    "revtree.adapters.freia": ["SequenceINN", "patch"],
+    "revtree.adapters.toolkit": ["built", "Named", "swapped", "constructed_as", "require"],
 }
 
 

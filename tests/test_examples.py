@@ -50,10 +50,18 @@ EXPECTED = {
         rf"gradients vs plain autograd: worst relative gradient difference {SCI} at \S+ "
         r"\(121 sources compared\)",
     ],
+    "flow.py": [
+        r" 4 blocks: nll \d\.\d+, \d+\.\d KiB kept for backward, samples torch\.Size\(\[4, 2\]\)",
+        r"32 blocks: nll \d\.\d+, \d+\.\d KiB kept for backward, samples torch\.Size\(\[4, 2\]\)",
+    ],
     "quickstart.py": [
         rf"loss \d\.\d+; worst relative gradient difference to plain autograd: {SCI}",
     ],
     "reformer.py": [r"step 0: loss \d\.\d+", r"step 7: loss \d\.\d+"],
+    "revgnn.py": [
+        r"depth   8: loss \d\.\d+, \d+ KiB kept for backward",
+        r"depth  64: loss \d\.\d+, \d+ KiB kept for backward",
+    ],
     "revnet_conv.py": [
         r"step 4: loss \d\.\d+",
         r"BatchNorm saw 5 batches in 5 steps \(once per step\)",

@@ -9,6 +9,9 @@ from torch import nn
 
 S = TypeVar("S", bound=nn.Module)
 
+# settings compared by value: a number read again is often another object of equal value
+_VALUES = (bool, int, float, complex, str, bytes, type(None))
+
 
 def built(owner: nn.Module, key: Sequence[Any], build: Callable[[], S]) -> S:
     """The module ``build()`` made for ``owner``, made again whenever ``key`` changes.
@@ -17,8 +20,8 @@ def built(owner: nn.Module, key: Sequence[Any], build: Callable[[], S]) -> S:
     ways) and runs it through a ``ReversibleSequence`` built from those modules. That
     sequence is kept on ``owner`` outside its module tree (``.to()``, ``state_dict`` and
     ``parameters()`` see the package's modules only, once), rebuilt when anything in
-    ``key`` (the modules it holds, settings read at call time) is another object than at
-    the last build, and put in ``owner``'s training mode.
+    ``key`` changed since the last build (modules and other objects by identity; numbers,
+    strings, ``None`` and tuples of them by value), and put in ``owner``'s training mode.
 
     Args:
         owner: The adapter's module.
@@ -47,10 +50,20 @@ def built(owner: nn.Module, key: Sequence[Any], build: Callable[[], S]) -> S:
     """
     found = owner.__dict__.get("_revtree_built")
     key = tuple(key)
-    if found is None or len(found[0]) != len(key) or any(a is not b for a, b in zip(found[0], key)):
+    if found is None or not _same(found[0], key):
         found = (key, build())
         owner.__dict__["_revtree_built"] = found  # a plain attribute: not a submodule
     module: S = found[1]
     if module.training != owner.training:
         module.train(owner.training)
     return module
+
+
+def _same(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
+    return len(old) == len(new) and all(
+        a is b or (type(a) is type(b) and _value(a) and a == b) for a, b in zip(old, new)
+    )
+
+
+def _value(a: Any) -> bool:
+    return isinstance(a, _VALUES) or (isinstance(a, tuple) and all(_value(x) for x in a))

@@ -43,6 +43,7 @@ from .._sequence import ReversibleSequence
 from ..codecs import Rearrange, ZeroVelocity
 from ..couplings import Momentum
 from ..couplings._momentum import momentum_term
+from ._built import built
 from ._patching import swapped
 from ._versions import require
 
@@ -137,7 +138,6 @@ class _Network(nn.Module):
         self.init_speed = init_speed
         self.is_residual = is_residual
         self.use_backprop = use_backprop
-        self.__dict__["_built"] = None  # (what it was built from, the sequence): not a submodule
 
     @property
     def functions(self) -> list[nn.Module]:
@@ -154,17 +154,7 @@ class _Network(nn.Module):
             self.is_residual,
             self.use_backprop,
         )
-        built = self.__dict__["_built"]
-        if (
-            built is None
-            or len(built[0]) != len(key)
-            or any(a is not b for a, b in zip(built[0], key))
-        ):
-            built = self.__dict__["_built"] = (key, self._build(functions))
-        sequence: ReversibleSequence = built[1]
-        if sequence.training != self.training:
-            sequence.train(self.training)
-        return sequence
+        return built(self, key, lambda: self._build(functions))
 
     def _build(self, functions: list[nn.Module]) -> ReversibleSequence:
         steps: list[nn.Module | Fn] = [_Step(f, self.is_residual) for f in functions]
