@@ -1,6 +1,7 @@
-"""PyG's RevGNN and FrEIA's flows against revtree's adapters: memory kept for backward, step time.
+"""PyG's RevGNN, FrEIA's flows and transformers' Reformer against revtree's adapters.
 
-Two workloads, each by depth, each system on the same weights:
+Memory kept for backward and step time; three workloads, each by depth, each system on the
+same weights:
 
 gnn   RevGNN as in PyG's example (``examples/rev_gnn.py``): a random graph like an ogbn
       subgraph (2000 nodes, 20 000 edges), 64 channels in 2 groups, ``GNNBlock``
@@ -11,6 +12,12 @@ gnn   RevGNN as in PyG's example (``examples/rev_gnn.py``): a random graph like 
 flow  A normalizing flow of FrEIA's ``AllInOneBlock`` blocks (subnets of 2 x 128 units) on
       256 samples of 32 dimensions, trained on the negative log-likelihood. Systems: FrEIA's
       ``SequenceINN`` (stores every activation), revtree's adapter. Depths 32, 64, 128.
+hf    transformers' ``ReformerModelWithLMHead``, layers alternating LSH and local attention
+      (hidden 128, 2 heads, feed-forward 256, chunks of 64 tokens), 1024 tokens, the
+      package's default dropout (0.05), a float32 step. Systems: the same layers in a plain
+      loop (plain autograd), the package's own reversible function, revtree's adapter.
+      Depths 4, 8, 16. Also printed: each system's gradient error against the plain loop in
+      float64 (depth 2, dropout 0.05).
 
 Memory kept for backward is counted exactly: the bytes of every tensor the forward leaves
 alive (``revtree.testing.held_bytes``'s count: saved tensors, what Functions keep on ctx,
@@ -20,7 +27,7 @@ of the systems interleaved in one process. A plot of both goes to ``--out``
 (``clients.png``).
 
 Usage:
-    python benchmarks/clients.py              # about 6 minutes
+    python benchmarks/clients.py              # about 12 minutes
     python benchmarks/clients.py --quick      # seconds: tiny sizes, figures mean nothing
 """
 
@@ -47,6 +54,7 @@ from torch import nn
 SYSTEMS = {
     "gnn": ("PyG plain", "PyG memory", "revtree"),
     "flow": ("FrEIA", "revtree"),
+    "hf": ("HF plain", "HF reversible", "revtree"),
 }
 
 
@@ -125,12 +133,92 @@ def flow_forward(flow: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     return flow(x)
 
 
+# -------------------------------------------------------------------------------- hf
+
+
+def _plain_encoder(self: Any, hidden_states: torch.Tensor, **kwargs: Any) -> Any:
+    """transformers' Reformer encoder as plain autograd: its layers in a loop, two streams."""
+    from transformers.models.reformer import modeling_reformer as hf
+
+    x1 = x2 = hidden_states
+    for layer in self.layers:
+        x1 = x1 + layer.attention(hidden_states=x2, attention_mask=kwargs.get("attention_mask"))[0]
+        x2 = x2 + layer.feed_forward(x1)
+    out = self.layer_norm(torch.cat([x1, x2], dim=-1))
+    out = nn.functional.dropout(out, p=self.dropout, training=self.training)
+    return hf.ReformerEncoderOutput(out, [], [], None)
+
+
+def hf_systems(
+    depth: int, tokens: int, hidden: int, dtype: torch.dtype = torch.float32, dropout: float = 0.05
+) -> tuple[dict[str, nn.Module], Any]:
+    import types
+
+    from transformers import ReformerConfig
+    from transformers.models.reformer import modeling_reformer as hf
+
+    from revtree.adapters import transformers as adapter
+
+    config = ReformerConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        num_attention_heads=2,
+        attention_head_size=hidden // 2,
+        feed_forward_size=2 * hidden,
+        attn_layers=["lsh", "local"] * (depth // 2),
+        axial_pos_embds=False,
+        max_position_embeddings=tokens,
+        lsh_attn_chunk_length=min(64, tokens // 2),
+        local_attn_chunk_length=min(64, tokens // 2),
+        num_buckets=max(2, tokens // min(64, tokens // 2)),
+        num_hashes=1,
+        is_decoder=True,
+        hidden_dropout_prob=dropout,
+        local_attention_probs_dropout_prob=dropout,
+        lsh_attention_probs_dropout_prob=0.0,  # the package's default
+    )
+    torch.manual_seed(0)
+    plain = hf.ReformerModelWithLMHead(config).to(dtype)
+    package = copy.deepcopy(plain)
+    ours = adapter.convert(copy.deepcopy(plain))
+    encoder = plain.reformer.encoder
+    encoder.forward = types.MethodType(_plain_encoder, encoder)
+    ids = torch.randint(0, 256, (1, tokens), generator=torch.Generator().manual_seed(1))
+    return {"HF plain": plain, "HF reversible": package, "revtree": ours}, ids
+
+
+def hf_forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids, use_cache=False).logits
+
+
+def hf_gradient_errors() -> dict[str, float]:
+    """Worst relative parameter-gradient error of each system against the plain loop, float64."""
+    models, ids = hf_systems(depth=2, tokens=64, hidden=16, dtype=torch.float64)
+    grads = {}
+    for name, model in models.items():
+        torch.manual_seed(3)
+        loss_of("hf", hf_forward(model, ids)).backward()
+        grads[name] = [p.grad for p in model.parameters()]
+    plain = grads["HF plain"]
+    return {
+        name: max(
+            ((g - e).norm() / e.norm()).item()
+            for g, e in zip(found, plain)
+            if e is not None and g is not None and e.norm() > 0
+        )
+        for name, found in grads.items()
+        if name != "HF plain"
+    }
+
+
 # -------------------------------------------------------------------------- measuring
 
 
 def loss_of(workload: str, out: Any) -> torch.Tensor:
     if workload == "gnn":
         return out.square().mean()
+    if workload == "hf":
+        return out.float().log_softmax(-1)[..., 0].mean()
     z, log_jac_det = out
     return (0.5 * z.square().sum(-1) - log_jac_det).mean()
 
@@ -140,6 +228,10 @@ def measure(workload: str, depth: int, quick: bool, repeats: int) -> dict[str, t
         nodes, channels = (64, 8) if quick else (2000, 64)
         models, data = gnn_systems(depth, nodes, channels)
         forward: Callable[[nn.Module, Any], Any] = gnn_forward
+    elif workload == "hf":
+        tokens, hidden = (64, 16) if quick else (1024, 128)
+        models, data = hf_systems(depth, tokens, hidden)
+        forward = hf_forward
     else:
         batch, dim = (16, 8) if quick else (256, 32)
         models, data = flow_systems(depth, batch, dim)
@@ -176,12 +268,15 @@ def plot(results: dict[str, dict[int, dict[str, tuple[float, float]]]], path: An
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    columns = len(results)
+    fig, axes = plt.subplots(2, columns, figsize=(5 * columns, 7), squeeze=False)
     styles = {
         "revtree": ("C0", "o"),
         "PyG plain": ("C3", "s"),
         "PyG memory": ("C1", "^"),
         "FrEIA": ("C3", "s"),
+        "HF plain": ("C3", "s"),
+        "HF reversible": ("C1", "^"),
     }
     for column, (workload, by_depth) in enumerate(results.items()):
         depths = sorted(by_depth)
@@ -193,7 +288,11 @@ def plot(results: dict[str, dict[int, dict[str, tuple[float, float]]]], path: An
             axes[0][column].plot(depths, held, marker=marker, color=color, label=name)
             axes[1][column].plot(depths, step, marker=marker, color=color, label=name)
         axes[0][column].set_title(
-            {"gnn": "RevGNN (PyG)", "flow": "normalizing flow (FrEIA)"}[workload]
+            {
+                "gnn": "RevGNN (PyG)",
+                "flow": "normalizing flow (FrEIA)",
+                "hf": "Reformer LM (transformers)",
+            }[workload]
         )
         axes[0][column].set_ylabel("MiB kept for backward")
         axes[0][column].set_yscale("log")
@@ -213,7 +312,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--workloads", nargs="+", default=["gnn", "flow"])
+    parser.add_argument("--workloads", nargs="+", default=["gnn", "flow", "hf"])
     add_output_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -222,6 +321,7 @@ def main() -> None:
     depths = {
         "gnn": (4, 8) if args.quick else (64, 128, 256),
         "flow": (4, 8) if args.quick else (32, 64, 128),
+        "hf": (2, 4) if args.quick else (4, 8, 16),
     }
     results: dict[str, dict[int, dict[str, tuple[float, float]]]] = {}
     for workload in args.workloads:
@@ -241,6 +341,10 @@ def main() -> None:
         for depth, row in by_depth.items():
             cells = " ".join(f"{row[n][0] / 2**20:>14.2f} {row[n][1] * 1e3:>14.1f}" for n in names)
             print(f"{depth:>6} {cells}")
+    if "hf" in results:
+        print("\nhf gradient error against the plain loop (float64, depth 2, dropout 0.05):")
+        for name, error in hf_gradient_errors().items():
+            print(f"  {name:<14} {error:.1e}")
     plot(results, plot_path(args, "clients"))
 
 

@@ -144,3 +144,28 @@ def test_training_loop_loss_goes_down():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_lsh_buckets_are_kept_by_the_memo_not_on_the_module(tmp_path):
+    """Under patch() the LSH attention hashes once per step and keeps no cache between steps."""
+    package, ours = _models(layer_dropout=0.0)
+    attentions = [m for m in ours.modules() if type(m).__name__ == "LSHAttention"]
+    assert attentions and all(type(m) is adapter.LSHAttention for m in attentions)
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in attentions]
+    hashed = []
+    theirs = adapter.LSHAttention.__mro__[1]  # the package's class, whose hashing is counted
+    original = theirs.hash_vectors
+    theirs.hash_vectors = lambda self, *a, **k: hashed.append(1) or original(self, *a, **k)
+    try:
+        _loss(ours, _tokens(), seed=3).backward()
+    finally:
+        theirs.hash_vectors = original
+        for handle in handles:
+            handle.remove()
+    assert len(calls) == 2 * len(attentions)  # run in the forward and in the recomputation
+    assert len(hashed) == len(attentions)  # hashed in the forward only
+    assert all(not m._cache for m in attentions)  # nothing kept on the module
+    path = tmp_path / "model.pt"
+    torch.save(ours, path)  # the class pickles by name
+    assert type(torch.load(path, weights_only=False).reformer.layers) is adapter.ReversibleSequence

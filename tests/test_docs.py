@@ -21,6 +21,7 @@ ADAPTERS = {
     "revtree.adapters.momentumnet": ["MomentumNet", "transform_to_momentumnet", "patch"],
     "revtree.adapters.pyg": ["GroupAddRev", "patch"],
     "revtree.adapters.freia": ["SequenceINN", "patch"],
+    "revtree.adapters.transformers": ["convert", "patch", "ReformerEncoder", "LSHSelfAttention"],
     "revtree.adapters.toolkit": ["built", "Named", "swapped", "constructed_as", "require"],
 }
 

@@ -49,7 +49,8 @@ def constructed_as(cls: type, replacement: type) -> Iterator[None]:
 
     Args:
         cls: The package's class.
-        replacement: The adapter's class, taking the same arguments.
+        replacement: The adapter's class, taking the same arguments (a subclass of
+            ``cls`` is initialised once, by the call itself).
 
     Examples:
         >>> from revtree.adapters.toolkit import constructed_as
@@ -68,6 +69,8 @@ def constructed_as(cls: type, replacement: type) -> Iterator[None]:
 
     def __new__(kind: type, *args: object, **kwargs: object) -> object:
         if kind is cls:
+            if issubclass(replacement, cls):  # made here, initialised once by the call
+                return _new(inherited, replacement, args, kwargs)
             return replacement(*args, **kwargs)
         return _new(inherited, kind, args, kwargs)
 

@@ -10,6 +10,12 @@ recomputation, keyed by the keyword arguments ``_reverse`` (recomputing?) and ``
 running a subset of the blocks, ``reversible=False``, and
 [`is_recomputing`][revtree.is_recomputing].
 
+Models built under [`patch`][revtree.adapters.reformer.patch] also get an LSH attention
+whose hash buckets are kept with [`revtree.memo`][revtree.memo]: the recomputation reads
+the forward's buckets back without hashing again (the package hashes a second time to keep
+its random stream in step) and without the package's per-depth bucket cache, which it keeps
+on the module from one step to the next.
+
 Parameter names are the package's (``blocks.{i}.f.net.*``, ``blocks.{i}.g.net.*`` and the
 same modules again as ``irrev_blocks.{i}.f.*``, ``irrev_blocks.{i}.g.*``), so checkpoints
 load with ``strict=True``. ``ReformerLM`` looks the class up as the global
@@ -42,6 +48,7 @@ from torch import nn
 
 from .. import _sequence
 from .._block import Block
+from .._replay._memo import memo
 from .._state import is_recomputing
 from ..codecs import Split
 from ._named import Named
@@ -113,6 +120,38 @@ class ReversibleSequence(_sequence.ReversibleSequence):
         return self.run(x, kwargs, route=route, blocks=indices)
 
 
+def _lsh_attention() -> type:
+    """The package's ``LSHAttention`` with its hash buckets kept by the memo (made once)."""
+    import reformer_pytorch.reformer_pytorch as package
+
+    global _LSH
+    if _LSH is None:
+
+        class LSHAttention(package.LSHAttention):
+            """``reformer_pytorch.LSHAttention``, its buckets kept with ``revtree.memo``."""
+
+            def hash_vectors(self, n_buckets: int, vecs: torch.Tensor, **cache: Any) -> Any:
+                hash_vectors = super().hash_vectors
+                # hashed in the forward call, handed back in the recomputation; the
+                # package's own cache (keyword arguments ``fetch``, ``set_cache``) unused
+                return memo(lambda: hash_vectors(n_buckets, vecs, fetch=False, set_cache=False))
+
+        LSHAttention.__module__ = __name__
+        LSHAttention.__qualname__ = "LSHAttention"
+        _LSH = LSHAttention
+    return _LSH
+
+
+_LSH: type | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # the memo's LSHAttention, made on first use (so that pickles of patched models load)
+    if name == "LSHAttention":
+        return _lsh_attention()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @contextmanager
 def patch() -> Iterator[None]:
     """Make ``ReformerLM``/``Reformer`` built inside the context use this class for its trunk.
@@ -125,5 +164,5 @@ def patch() -> Iterator[None]:
     require("reformer-pytorch", "1.4.4", "reformer")
     import reformer_pytorch.reformer_pytorch as package
 
-    with swapped([package], ReversibleSequence=ReversibleSequence):
+    with swapped([package], ReversibleSequence=ReversibleSequence, LSHAttention=_lsh_attention()):
         yield
