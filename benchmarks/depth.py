@@ -23,17 +23,20 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from _measure import (
     MB,
     add_device_arguments,
+    add_output_arguments,
     against,
     emit,
     exact_memory,
     interleaved_medians,
     memory_method,
     peak_text,
+    plot_path,
     progress,
     run_worker,
     step_memory,
@@ -166,6 +169,7 @@ def main() -> None:
     parser.add_argument("--shape", default=None, help="input leaf shape, e.g. 16,128,256")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     add_device_arguments(parser)
+    add_output_arguments(parser)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -211,6 +215,8 @@ def main() -> None:
             print(f"{row} {peak_text(m.peak, args.quick):>9} {m.params:>9.1f}")
 
     print(f"\nTime: median of {repeats}, plain and revtree interleaved in one process")
+    if args.quick:
+        print("  (a --quick run: small tensors, 3 repeats; its timings mean nothing)")
     print("  step = forward + backward; forward = under torch.no_grad")
     header = f"{'system':<8} {'depth':>5} {'step ms':>9} {'x plain':>8}"
     print(f"{header} {'forward ms':>11} {'x plain':>8}")
@@ -238,6 +244,51 @@ def main() -> None:
         f"  revtree / plain step time: {step_ratios[-1]:.2f}x at depth {hi} "
         f"(from {min(step_ratios):.2f}x to {max(step_ratios):.2f}x over depths)"
     )
+    plot(depths, memory, timing, plot_path(args, "depth"))
+
+
+def plot(
+    depths: list[int],
+    memory: dict[tuple[str, int], Memory],
+    timing: dict[int, dict[str, Timing]],
+    path: Path,
+) -> None:
+    """Held memory and step time against depth, both systems."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("\n(no plot: pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (held, step) = plt.subplots(1, 2, figsize=(10, 4))
+    for system, color, marker in (("plain", "C3", "s"), ("revtree", "C0", "o")):
+        held.plot(
+            depths,
+            [memory[system, d].held for d in depths],
+            color=color,
+            marker=marker,
+            label=system,
+        )
+        step.plot(
+            depths,
+            [timing[d][system].step * 1e3 for d in depths],
+            color=color,
+            marker=marker,
+            label=system,
+        )
+    held.set_ylabel("MB held between forward and backward")
+    held.set_yscale("log")
+    step.set_ylabel("step time (ms)")
+    for ax in (held, step):
+        ax.set_xlabel("depth (blocks)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"\nplot: {path}")
 
 
 if __name__ == "__main__":

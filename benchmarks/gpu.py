@@ -25,17 +25,16 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import statistics
 import time
 import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from _systems import PEERS, TensorChain, mlp_pairs, sync, times, transformer_pairs
+from _systems import build_named as build
+from _systems import device_step as step
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import revtree
 
@@ -44,141 +43,7 @@ DEVICE = torch.device("cuda")  # --device cpu: a smoke test of this script, memo
 STARTED = time.perf_counter()
 
 
-class Attention(nn.Module):
-    """Pre-norm multi-head self-attention (``scaled_dot_product_attention``), dropout optional."""
-
-    def __init__(self, d: int, heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
-        self.heads, self.dropout = heads, dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-        p = self.dropout if self.training else 0.0
-        h = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        return self.out(h.transpose(1, 2).reshape(b, t, d))
-
-
-class MLP(nn.Module):
-    def __init__(self, d: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.LayerNorm(d),
-            nn.Linear(d, 4 * d),
-            nn.GELU(),
-            nn.Linear(4 * d, d),
-            nn.Dropout(dropout),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def transformer_pairs(depth: int, d: int, heads: int, dropout: float = 0.0) -> list:
-    return [(Attention(d, heads, dropout), MLP(d, dropout)) for _ in range(depth)]
-
-
-def mlp_pairs(depth: int, d: int) -> list:
-    return [(MLP(d), MLP(d)) for _ in range(depth)]
-
-
-# ------------------------------------------------------------------------------- systems
-
-
-def plain(pairs: list, x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, -1)
-    for f, g in pairs:
-        x1 = x1 + f(x2)
-        x2 = x2 + g(x1)
-    return torch.cat((x1, x2), -1)
-
-
-class Chain(nn.Module):
-    """Plain autograd, or one non-reentrant ``checkpoint`` per block."""
-
-    def __init__(self, pairs: list, checkpointed: bool) -> None:
-        super().__init__()
-        self.pairs = nn.ModuleList(nn.ModuleList(p) for p in pairs)
-        self.checkpointed = checkpointed
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.checkpointed:
-            return plain(self.pairs, x)
-
-        def block(f: nn.Module, g: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> Any:
-            y1 = x1 + f(x2)
-            return y1, x2 + g(y1)
-
-        x1, x2 = x.chunk(2, -1)
-        for f, g in self.pairs:
-            x1, x2 = checkpoint(block, f, g, x1, x2, use_reentrant=False)
-        return torch.cat((x1, x2), -1)
-
-
-def peer(name: str) -> Any:
-    try:
-        import peers
-
-        return peers.peer(name)
-    except Exception:  # noqa: BLE001 (a peer that will not import is a peer not installed)
-        return None
-
-
-def build(system: str, pairs: list) -> nn.Module | None:
-    """``system`` running its own copy of ``pairs``, or ``None`` where it is not installed."""
-    pairs = copy.deepcopy(pairs)
-    if system in ("plain", "checkpoint"):
-        return Chain(pairs, checkpointed=system == "checkpoint")
-    if system == "plain compiled":
-        return torch.compile(Chain(pairs, checkpointed=False))
-    if system == "revtree":
-        return revtree.ReversibleSequence(pairs)
-    if system == "revtree compiled":
-        return revtree.ReversibleSequence(pairs, compile=True)
-    if (
-        peer(
-            {
-                "RevTorch": "revtorch",
-                "RevLib": "revlib",
-                "MemCNN": "memcnn",
-                "reformer-pytorch": "reformer",
-            }[system]
-        )
-        is None
-    ):
-        return None
-    import peers
-
-    return peers.build(
-        "a",
-        {
-            "RevTorch": "revtorch",
-            "RevLib": "revlib",
-            "MemCNN": "memcnn",
-            "reformer-pytorch": "reformer",
-        }[system],
-        pairs,
-    )
-
-
-PEERS = ("RevTorch", "reformer-pytorch", "RevLib", "MemCNN")
-
-
 # ------------------------------------------------------------------------------ measuring
-
-
-def sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def step(model: nn.Module, x: torch.Tensor) -> None:
-    model(x).float().square().mean().backward()
-    model.zero_grad(set_to_none=True)
 
 
 def memory(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
@@ -199,19 +64,6 @@ def memory(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     del y
     model.zero_grad(set_to_none=True)
     return held / MB, peak / MB
-
-
-def times(models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median step time in ms of each model, the models interleaved, synchronised."""
-    out: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            sync()
-            start = time.perf_counter()
-            step(model, x)
-            sync()
-            out[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in out.items()}
 
 
 def relative(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> float:
@@ -251,12 +103,12 @@ def gradients(quick: bool) -> dict[str, Any]:
             x = torch.randn(2, 64, 2 * d, dtype=dtype, requires_grad=True)
         compiled = "compile" in name
         systems: dict[str, Any] = {
-            "plain": Chain(pairs, False),
-            "checkpoint": Chain(pairs, True),
+            "plain": TensorChain(pairs, False),
+            "checkpoint": TensorChain(pairs, True),
             "revtree": revtree.ReversibleSequence(pairs, compile=compiled),
         }
         if compiled:  # inductor's fused kernels round differently: the like-for-like reference
-            systems["plain compiled"] = torch.compile(Chain(pairs, False))
+            systems["plain compiled"] = torch.compile(TensorChain(pairs, False))
         grads, rng = {}, {}
         for _ in range(3 if compiled else 1):  # compiled: the third step runs compiled
             for sys_name, model in systems.items():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, one call: the GPU story (benchmarks/gpu.py) and the property tests on CUDA.
 # Run from the repository root on a machine with a CUDA device and no package index:
-#   ../shared/tools/offline-wheels.sh --all     # here, first: optree and the peers as wheels
+#   pip wheel --no-deps -w .whl optree einops   # here, first: optree (and the peers) as wheels
 #   bash benchmarks/gpu_check.sh [OUT_DIR]       # there
 set -uo pipefail
 out=${1:-${OUT:-/tmp/gpu-check}}

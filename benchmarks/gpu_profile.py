@@ -15,7 +15,9 @@ import argparse
 import warnings
 
 import torch
-from gpu import build, step, sync, times, transformer_pairs
+from _systems import build_named as build
+from _systems import device_step as step
+from _systems import sync, times, transformer_pairs
 from torch.profiler import ProfilerActivity, profile
 
 import revtree

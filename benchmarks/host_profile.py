@@ -23,7 +23,8 @@ import warnings
 from collections import defaultdict
 
 import torch
-from overhead import Plain, cat, mlp, split, step
+from _systems import Plain, cat, mlp, split
+from _systems import tree_step as step
 from torch import nn
 
 import revtree

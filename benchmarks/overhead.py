@@ -38,76 +38,14 @@ import warnings
 from collections.abc import Callable
 from typing import Any, cast
 
-import optree
 import torch
 from _measure import add_device_arguments, interleaved_medians, use_device
+from _systems import LeafScale, Plain, cat, duplicate, mean, mlp, nest, split
+from _systems import tree_step as step
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import revtree
 from revtree.codecs import Degree, Duplicate
-
-
-def mlp(d: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-
-class LeafScale(nn.Module):
-    """``tanh(w * x)`` on each leaf of any pytree, ``w`` a parameter per leaf."""
-
-    def __init__(self, d: int, n_leaves: int) -> None:
-        super().__init__()
-        self.w = nn.ParameterList(nn.Parameter(torch.randn(d, 1) / 2) for _ in range(n_leaves))
-
-    def forward(self, x: Any) -> Any:
-        xs, spec = optree.tree_flatten(x)
-        return spec.unflatten([torch.tanh(v * w) for v, w in zip(xs, self.w)])
-
-
-def couple(f: nn.Module, g: nn.Module, x1: Any, x2: Any) -> tuple[Any, Any]:
-    """One plain-autograd block over any tree."""
-    y1 = optree.tree_map(torch.add, x1, f(x2))
-    return y1, optree.tree_map(torch.add, x2, g(y1))
-
-
-class Plain(nn.Module):
-    """Plain autograd (or one non-reentrant checkpoint per block) with a codec of our own."""
-
-    def __init__(self, pairs: list, encode: Callable, decode: Callable, ckpt: bool) -> None:
-        super().__init__()
-        self.pairs = nn.ModuleList(nn.ModuleList(p) for p in pairs)
-        self.encode, self.decode, self.ckpt = encode, decode, ckpt
-
-    def forward(self, x: Any) -> Any:
-        x1, x2 = self.encode(x)
-        for f, g in self.pairs:
-            if self.ckpt:
-                x1, x2 = checkpoint(couple, f, g, x1, x2, use_reentrant=False)
-            else:
-                x1, x2 = couple(f, g, x1, x2)
-        return self.decode(x1, x2)
-
-
-def nest(x: dict[int, torch.Tensor]) -> dict[str, Any]:
-    v = list(x.values())
-    return {"atoms": {0: v[0], 1: v[1]}, "edges": (v[2], {"a": v[3], "b": v[4]}), "rest": v[5:]}
-
-
-def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    a, b = x.chunk(2, -1)
-    return a, b
-
-
-def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.cat((a, b), -1)
-
-
-def duplicate(x: Any) -> tuple[Any, Any]:
-    return x, x
-
-
-def mean(a: Any, b: Any) -> Any:
-    return optree.tree_map(lambda u, v: (u + v) / 2, a, b)
 
 
 def systems(workload: str, depth: int, compile_: bool) -> tuple[dict[str, nn.Module], Any]:
@@ -145,13 +83,6 @@ def systems(workload: str, depth: int, compile_: bool) -> tuple[dict[str, nn.Mod
             blocks = [revtorch.ReversibleBlock(f, g, split_along_dim=-1) for f, g in pairs]
             out["RevTorch"] = revtorch.ReversibleSequence(nn.ModuleList(copy.deepcopy(blocks)))
     return out, x
-
-
-def step(model: nn.Module, x: Any) -> None:
-    y = model(x)
-    loss = sum(leaf.square().sum() for leaf in optree.tree_leaves(y))
-    loss.backward()
-    model.zero_grad(set_to_none=True)
 
 
 def forward(model: nn.Module, x: Any) -> None:

@@ -2,8 +2,8 @@
 
 Systems: plain autograd, ``torch.utils.checkpoint`` (``use_reentrant=False``, one checkpoint
 per block), revtree, RevTorch, RevLib, MemCNN, reformer-pytorch's and equiformer-pytorch's
-reversible sequences (see ``/work/shared/PEERS.md`` for how each is driven). A peer that is
-not installed is skipped with a message. Every system computes the same function
+reversible sequences, each driven through its public API (``build`` below). A peer that
+is not installed is skipped with a message. Every system computes the same function
 (``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)`` per block) with the same weights: the pairs are
 built once from a fixed seed and deep-copied into each system.
 
@@ -48,13 +48,12 @@ import argparse
 import copy
 import gc
 import hashlib
-import importlib
 import os
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -86,27 +85,13 @@ from _measure import (
     tensors_of,
     use_device,
 )
+from _systems import SYSTEMS, DegreeMLP, LeafScale, Pairs, available, build, mlp, peer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import revtree
 
 # ---------------------------------------------------------------- systems and peers
 
-# system -> (display name, module to import or None for built-in, pip distribution)
-SYSTEMS: dict[str, tuple[str, str | None, str | None]] = {
-    "plain": ("plain", None, None),
-    "revtree-plain": ("revtree rev=False", None, None),
-    "checkpoint": ("checkpoint", None, None),
-    "revtree": ("revtree", None, None),
-    "revtorch": ("RevTorch", "revtorch", "revtorch"),
-    "revlib": ("RevLib", "revlib", "revlib"),
-    "memcnn": ("MemCNN", "memcnn", "memcnn"),
-    "reformer": ("reformer-pytorch", "reformer_pytorch.reversible", "reformer-pytorch"),
-    "equiformer": ("equiformer-pytorch", "equiformer_pytorch.reversible", "equiformer-pytorch"),
-    "plain-nested": ("plain, nested", None, None),
-    "revtree-nested": ("revtree, nested", None, None),
-}
 WORKLOAD_SYSTEMS = {
     "a": ("plain", "checkpoint", "revtree", "revtorch", "revlib", "memcnn", "reformer"),
     "b": ("plain", "revtree-plain", "checkpoint", "revtree", "equiformer"),
@@ -138,25 +123,6 @@ EQUIFORMER_TARGET = 0.90  # (b) revtree / equiformer-pytorch step time, at most
 OVERHEAD_TARGET = 0.5  # (c) revtree / equiformer-pytorch per-block overhead over plain, at most
 HELD_TARGET = 1.25  # (a) revtree held memory, largest / smallest depth, at most
 GRAD_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}  # relative gradient error: "ok" below
-
-_modules: dict[str, Any] = {}
-
-
-def peer(system: str) -> Any:
-    """The imported module of a peer system (``None`` if it is not installed)."""
-    if system not in _modules:
-        name = SYSTEMS[system][1]
-        try:
-            with warnings.catch_warnings():  # MemCNN warns about torch.cuda.amp on import
-                warnings.simplefilter("ignore")
-                _modules[system] = importlib.import_module(name) if name else True
-        except ImportError:
-            _modules[system] = None
-    return _modules[system]
-
-
-def available(systems: Iterable[str]) -> list[str]:
-    return [s for s in systems if peer(s) is not None]
 
 
 def git_revision() -> str:
@@ -262,37 +228,7 @@ class Config:
         )
 
 
-# ---------------------------------------------------------------- the blocks
-
-
-def mlp(d: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-
-class DegreeMLP(nn.Module):
-    """One MLP over the ``d`` axis of each degree: ``{l: (..., d, 2l + 1)}`` to the same."""
-
-    def __init__(self, d: int, degrees: int) -> None:
-        super().__init__()
-        self.mlps = nn.ModuleDict({str(degree): mlp(d) for degree in range(degrees)})
-
-    def forward(self, x: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        return {k: self.mlps[str(k)](v.transpose(-1, -2)).transpose(-1, -2) for k, v in x.items()}
-
-
-class LeafScale(nn.Module):
-    """Next to no work: ``tanh(w * x)`` on each leaf of any pytree, ``w`` a parameter per leaf."""
-
-    def __init__(self, d: int, n_leaves: int) -> None:
-        super().__init__()
-        self.w = nn.ParameterList(nn.Parameter(torch.randn(d, 1) / 2) for _ in range(n_leaves))
-
-    def forward(self, x: Any) -> Any:
-        xs, spec = optree.tree_flatten(x)
-        return spec.unflatten([torch.tanh(v * w) for v, w in zip(xs, self.w)])
-
-
-Pairs = list[tuple[nn.Module, nn.Module]]
+# ---------------------------------------------------------------- workloads
 
 
 def make_pairs(workload: str, cfg: Config, depth: int, dtype: torch.dtype) -> Pairs:
@@ -343,152 +279,6 @@ def loss_of(y: Any, w: Any) -> torch.Tensor:
     if isinstance(y, torch.Tensor):
         return (y * w).sum()
     return torch.stack([(y[k] * w[k]).sum() for k in w]).sum()
-
-
-# ---------------------------------------------------------------- the systems
-
-
-def tensor_block(
-    f: nn.Module, g: nn.Module, x1: torch.Tensor, x2: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    y1 = x1 + f(x2)
-    return y1, x2 + g(y1)
-
-
-def dict_block(f: nn.Module, g: nn.Module, x1: dict, x2: dict) -> tuple[dict, dict]:
-    fx = f(x2)
-    y1 = {k: x1[k] + fx[k] for k in x1}
-    gy = g(y1)
-    return y1, {k: x2[k] + gy[k] for k in x2}
-
-
-class TensorChain(nn.Module):
-    """Workload a with plain autograd, or one ``checkpoint`` per block."""
-
-    def __init__(self, pairs: Pairs, checkpointed: bool) -> None:
-        super().__init__()
-        self.pairs = nn.ModuleList(nn.ModuleList(p) for p in pairs)
-        self.checkpointed = checkpointed
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, -1)
-        for f, g in self.pairs:
-            if self.checkpointed:
-                x1, x2 = checkpoint(tensor_block, f, g, x1, x2, use_reentrant=False)
-            else:
-                x1, x2 = tensor_block(f, g, x1, x2)
-        return torch.cat((x1, x2), -1)
-
-
-class DictChain(nn.Module):
-    """Workloads b and c: duplicated streams, plain autograd or one checkpoint per block."""
-
-    def __init__(self, pairs: Pairs, checkpointed: bool) -> None:
-        super().__init__()
-        self.pairs = nn.ModuleList(nn.ModuleList(p) for p in pairs)
-        self.checkpointed = checkpointed
-
-    def forward(self, x: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        x1, x2 = x, x
-        for f, g in self.pairs:
-            if self.checkpointed:
-                x1, x2 = checkpoint(dict_block, f, g, x1, x2, use_reentrant=False)
-            else:
-                x1, x2 = dict_block(f, g, x1, x2)
-        return {k: (x1[k] + x2[k]) / 2 for k in x}
-
-
-def nest(x: dict[int, torch.Tensor]) -> dict[str, Any]:
-    """The leaves of a flat dict of degrees as a nested pytree, in the same leaf order."""
-    v = [x[k] for k in sorted(x)]
-    third = len(v) // 3
-    return {
-        "atoms": dict(enumerate(v[:third])),
-        "edges": tuple(v[third : 2 * third]),
-        "globals": list(v[2 * third :]),
-    }
-
-
-class Nested(nn.Module):
-    """Workload c on a nested pytree: ``model`` sees ``nest(x)``; the output is flat again."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        return dict(zip(sorted(x), optree.tree_leaves(self.model(nest(x)))))
-
-
-class TreeChain(nn.Module):
-    """Plain autograd on duplicated streams of any pytree."""
-
-    def __init__(self, pairs: Pairs) -> None:
-        super().__init__()
-        self.pairs = nn.ModuleList(nn.ModuleList(p) for p in pairs)
-
-    def forward(self, x: Any) -> Any:
-        x1, x2 = x, x
-        for f, g in self.pairs:
-            x1 = optree.tree_map(torch.add, x1, f(x2))
-            x2 = optree.tree_map(torch.add, x2, g(x1))
-        return optree.tree_map(lambda a, b: (a + b) / 2, x1, x2)
-
-
-class MemCNNChain(nn.Module):
-    """MemCNN's couplings in an ``nn.Sequential``, fed a non-leaf alias of the input.
-
-    With a leaf input MemCNN returns the input's gradient doubled (PEERS.md).
-    """
-
-    def __init__(self, pairs: Pairs) -> None:
-        super().__init__()
-        memcnn = peer("memcnn")
-        self.seq = nn.Sequential(
-            *(
-                memcnn.InvertibleModuleWrapper(
-                    memcnn.AdditiveCoupling(f, g, split_dim=-1),
-                    keep_input=i == 0,
-                    keep_input_inverse=i == 0,
-                )
-                for i, (f, g) in enumerate(pairs)
-            )
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq(x.view_as(x))
-
-
-def build(workload: str, system: str, pairs: Pairs) -> nn.Module:
-    """``system`` running ``pairs`` (the modules themselves, not copies) on ``workload``."""
-    if workload == "a":
-        if system in ("plain", "checkpoint"):
-            return TensorChain(pairs, checkpointed=system == "checkpoint")
-        if system == "revtree":
-            return revtree.ReversibleSequence(pairs)
-        if system == "revtorch":
-            rt = peer(system)
-            blocks = (rt.ReversibleBlock(f, g, split_along_dim=-1) for f, g in pairs)
-            return rt.ReversibleSequence(nn.ModuleList(blocks))
-        if system == "revlib":
-            return peer(system).ReversibleSequential(*chain(*pairs), split_dim=-1)
-        if system == "memcnn":
-            return MemCNNChain(pairs)
-        if system == "reformer":
-            return peer(system).ReversibleSequence(nn.ModuleList(nn.ModuleList(p) for p in pairs))
-    else:
-        if system in ("plain", "checkpoint"):
-            return DictChain(pairs, checkpointed=system == "checkpoint")
-        if system in ("revtree", "revtree-plain"):
-            codec = revtree.codecs.Degree()
-            return revtree.ReversibleSequence(pairs, codec=codec, reversible=system == "revtree")
-        if system == "equiformer":
-            return peer(system).ReversibleSequence(list(pairs))
-        if system == "plain-nested":
-            return Nested(TreeChain(pairs))
-        if system == "revtree-nested":
-            return Nested(revtree.ReversibleSequence(pairs, codec=revtree.codecs.Duplicate()))
-    raise ValueError(f"system {system!r} cannot run workload {workload!r}")
 
 
 def leaves(x: Any) -> list[torch.Tensor]:
@@ -648,10 +438,20 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
-    # one marker each: lines of systems that hold the same bytes lie on each other
-    for s, marker in zip(systems, cycle("osD^vPX*")):
+    # lines of systems that hold the same bytes lie on each other: hollow markers of
+    # decreasing size (they nest), and dash patterns, keep every one visible
+    dashes = cycle(["--", ":", "-.", (0, (5, 2, 1, 2)), (0, (1, 3))])
+    for i, (s, marker, dash) in enumerate(zip(systems, cycle("osD^vPX*"), dashes)):
         name = SYSTEMS[s][0]
-        style = dict(marker=marker, linewidth=2.5 if s == "revtree" else 1.2, label=name)
+        style = dict(
+            marker=marker,
+            markersize=12 - 1.1 * i,
+            fillstyle="none",
+            markeredgewidth=1.5,
+            linestyle="-" if s == "revtree" else dash,
+            linewidth=2.5 if s == "revtree" else 1.2,
+            label=name,
+        )
         # RSS can fall a little over a forward that holds almost nothing: such a figure is
         # drawn at 0.1 MB; counted bytes are always above zero, and drawn as they are
         held = [

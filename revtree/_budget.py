@@ -79,7 +79,7 @@ class MemoryPlan:
 
 
 def _mb(size: float) -> str:
-    return "unlimited" if size == float("inf") else f"{size / 2**20:.2f} MB"
+    return "unlimited" if size == float("inf") else f"{size / 2**20:.2f} MiB"
 
 
 def _cost(stored: Sequence[bool], sizes: Sequence[int], stream_bytes: int) -> int:

@@ -7,6 +7,7 @@ the structure is the expected one (``_trees.leaves_as``).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -301,7 +302,7 @@ def escaped(index: int, which: str) -> None:
         "block or step, and the sequence returns it beside its output), or detach it where "
         "it is kept if it is only read (logging, inspection).",
         RevtreeWarning,
-        stacklevel=7,
+        stacklevel=caller_level(),
     )
 
 
@@ -373,3 +374,31 @@ def note(error: BaseException, index: int, which: str, shapes: str, hint: str | 
         error.add_note(text)
     else:  # Python 3.10: kept where 3.11's traceback would print it
         error.__notes__ = [*getattr(error, "__notes__", []), text]  # type: ignore[attr-defined]
+
+
+def default_codec_on_images(names: Sequence[str], leaves: Sequence[Any]) -> None:
+    """Warn where the default ``Split(-1)`` halves the width of an image-like leaf."""
+    for name, leaf in zip(names, leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() in (4, 5):
+            warnings.warn(
+                f"the default codec Split(-1) cuts the last dimension of {name} (shape "
+                f"{tuple(leaf.shape)}): for an image (N, C, H, W) or a volume (N, C, D, H, W) "
+                "that gives f and g the left and right halves of it, not half the channels "
+                "each. Hint: codec=Split(1) splits the channels (examples/revnet_conv.py); "
+                "pass codec=Split(-1) to keep the last dimension and silence this warning.",
+                RevtreeWarning,
+                stacklevel=caller_level(),
+            )
+            return
+
+
+def caller_level() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside revtree and torch."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        name = frame.f_code.co_filename.replace("\\", "/")
+        if "/revtree/" not in name and "/torch/" not in name:
+            return level
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return 1

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ._checks import caller_level
 from ._errors import RevtreeError, RevtreeWarning
 
 SAMPLE = 64
@@ -168,5 +169,5 @@ def check(
     )
     if strict:
         raise RevtreeError(message)
-    warnings.warn(message, RevtreeWarning, stacklevel=2)
+    warnings.warn(message, RevtreeWarning, stacklevel=caller_level())
     return True

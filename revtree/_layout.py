@@ -173,8 +173,14 @@ class Layout:
         full = list(piece.shape)
         full[codec.dim] = codec.parts * piece.shape[codec.dim]
         share = "half" if codec.parts == 2 else f"1/{codec.parts}"
+        images = ""
+        if piece.dim() in (4, 5) and codec.dim in (-1, piece.dim() - 1):
+            images = (
+                " For images (N, C, H, W), codec=Split(1) gives each function half the "
+                "channels instead of half the width."
+            )
         return (
             f"Hint: {which} receives {share} of each Split leaf: {self.names[i]} has shape "
             f"{tuple(piece.shape)} in its part, {tuple(full)} in the input; "
-            f"build {which} for the {share} (or give that leaf Duplicate())."
+            f"build {which} for the {share} (or give that leaf Duplicate()).{images}"
         )

@@ -7,16 +7,17 @@ from unittest import mock
 
 import pytest
 import torch
+from degree_adapters import Coordinates, check_degree_codec_error, perturb, rotation
 from helpers import PlainCoupling, graph_training_losses
 from torch import nn
 
-import revtree
 from revtree.adapters import equiformer as adapter
-from revtree.codecs import Degree
 
 equiformer_pytorch = pytest.importorskip("equiformer_pytorch")
 from equiformer_pytorch import Equiformer  # noqa: E402
 from equiformer_pytorch.reversible import ReversibleSequence as PackageReversible  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
 
 TOL = 1e-10
 
@@ -39,19 +40,6 @@ MODEL = dict(
 )
 
 
-class Coordinates(nn.Module):
-    """An upstream layer producing the coordinates, so gradients must reach through them."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(3)
-        self.base = nn.Parameter(torch.randn(1, n, 3, generator=g, dtype=torch.float64))
-        self.lin = nn.Linear(3, 3, dtype=torch.float64)
-
-    def forward(self) -> torch.Tensor:
-        return self.base + 0.1 * self.lin(self.base)
-
-
 def _models(config: dict, depth: int = 2) -> tuple[nn.Module, nn.Module]:
     """The package's reversible Equiformer, and one with the adapter, sharing weights."""
     kwargs = dict(MODEL, depth=depth)
@@ -68,11 +56,7 @@ def _models(config: dict, depth: int = 2) -> tuple[nn.Module, nn.Module]:
 
 
 def _perturb(model: nn.Module) -> None:
-    """Move every weight off its initial value: some start at zero, which would hide errors."""
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    perturb(model, 0.3)
 
 
 def _inputs(config: dict, n: int = 6):
@@ -207,18 +191,11 @@ def test_autograd_grad_equals_plain_autograd(name):
     assert all(g is None for n, g in zip(names, grads) if n.startswith("layers.blocks."))
 
 
-def _rotation(seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r))
-    return q if torch.det(q) > 0 else -q
-
-
 def _equivariance_errors(model, config) -> tuple[float, float]:
     """Type-0 invariance and type-1 equivariance errors under a rotation and a translation."""
     feats, mask, edges = _inputs(config)
     coords = torch.randn(1, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    rot, shift = _rotation(7), torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    rot, shift = rotation(7), torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     out = model(feats, coords, mask, edges=edges)
     moved = model(feats, coords @ rot + shift, mask, edges=edges)
     scale = out.type1.abs().max()
@@ -306,11 +283,4 @@ def test_patch_restores_the_package():
     ],
 )
 def test_degree_codec_errors(x, match):
-    class Zero(nn.Module):
-        def forward(self, x, **kwargs):
-            return {k: torch.zeros_like(v) for k, v in x.items()}
-
-    seq = adapter.ReversibleSequence([(Zero(), Zero())])
-    with pytest.raises(revtree.RevtreeError, match=match):
-        seq(x)
-    assert isinstance(seq.codec, Degree)
+    check_degree_codec_error(adapter, x, match)

@@ -16,6 +16,8 @@ import FrEIA.modules as Fm  # noqa: E402
 from revtree._saved import held_after_forward  # noqa: E402
 from revtree.adapters import freia as adapter  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 D = torch.float64
 
 

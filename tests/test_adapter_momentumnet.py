@@ -21,6 +21,8 @@ from revtree.testing import saved_bytes  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from _resnet import resnet18  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 D = 6
 TOL = 1e-9
 

@@ -18,6 +18,8 @@ from torch_geometric.nn import GroupAddRev as PygGroupAddRev  # noqa: E402
 from revtree._saved import held_after_forward  # noqa: E402
 from revtree.adapters import pyg as adapter  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 D = torch.float64
 
 

@@ -11,6 +11,8 @@ reformer_pytorch = pytest.importorskip("reformer_pytorch")
 from reformer_pytorch import ReformerLM  # noqa: E402
 from reformer_pytorch.reversible import ReversibleSequence as PackageReversible  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 TOL = 1e-9
 SEQ = 32
 

@@ -12,16 +12,17 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from degree_adapters import Coordinates, check_degree_codec_error, perturb, rotation
 from helpers import PlainCoupling, graph_training_losses
 from torch import nn
 
-import revtree
 from revtree.adapters import se3_transformer as adapter
-from revtree.codecs import Degree
 
 se3_transformer_pytorch = pytest.importorskip("se3_transformer_pytorch")
 from se3_transformer_pytorch import SE3Transformer  # noqa: E402
 from se3_transformer_pytorch.reversible import ReversibleSequence as PackageReversible  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
 
 TOL = 1e-9  # relative to the expected tensor's largest entry, or to FLOOR if that is smaller
 FLOOR = 1e-3  # the upstream layer's bias gets ~1e-15: zero by translation invariance, and noise
@@ -63,19 +64,6 @@ MODEL = dict(
 )
 
 
-class Coordinates(nn.Module):
-    """An upstream layer producing the coordinates, so gradients must reach through them."""
-
-    def __init__(self, n: int = N) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(3)
-        self.base = nn.Parameter(torch.randn(1, n, 3, generator=g, dtype=torch.float64))
-        self.lin = nn.Linear(3, 3, dtype=torch.float64)
-
-    def forward(self) -> torch.Tensor:
-        return self.base + 0.1 * self.lin(self.base)
-
-
 def _build(config: dict, depth: int = 2, **overrides) -> nn.Module:
     kwargs = {**MODEL, "depth": depth, **config, **overrides}
     return SE3Transformer(**kwargs).double()
@@ -95,14 +83,7 @@ def _models(config: dict, depth: int = 2) -> tuple[nn.Module, nn.Module]:
 
 
 def _perturb(model: nn.Module) -> None:
-    """Move every weight off its initial value: some start at zero, which would hide errors.
-
-    Gently: at 0.3 some configurations reach gradients of 1e30 and lose all precision.
-    """
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    perturb(model, 0.05)  # gently: at 0.3 some configurations reach gradients of 1e30
 
 
 def _inputs(config: dict, n: int = N) -> dict:
@@ -277,20 +258,13 @@ def test_degrees_of_different_widths():
     _assert_all_close([*_names(package), "coordinates"], grads, expected)
 
 
-def _rotation(seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r))
-    return q if torch.det(q) > 0 else -q
-
-
 def _equivariance_errors(model, config) -> tuple[float, float]:
     """Type-0 invariance and type-1 equivariance errors under a rotation and a translation
     of the coordinates, with the type-1 input features rotated too."""
     inputs = _inputs(config)
     feats = inputs.pop("feats")
     coords = torch.randn(1, N, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    rot, shift = _rotation(7), torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    rot, shift = rotation(7), torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     with torch.no_grad():
         out = model(feats, coords, **inputs)
         turned = {"0": feats["0"], "1": feats["1"] @ rot}
@@ -452,11 +426,4 @@ def test_patch_restores_the_package():
     ],
 )
 def test_degree_codec_errors(x, match):
-    class Zero(nn.Module):
-        def forward(self, x, **kwargs):
-            return {k: torch.zeros_like(v) for k, v in x.items()}
-
-    seq = adapter.ReversibleSequence([(Zero(), Zero())])
-    with pytest.raises(revtree.RevtreeError, match=match):
-        seq(x)
-    assert isinstance(seq.codec, Degree)
+    check_degree_codec_error(adapter, x, match)

@@ -25,6 +25,8 @@ from revtree import RevtreeError  # noqa: E402
 from revtree._saved import held_after_forward  # noqa: E402
 from revtree.adapters import transformers as adapter  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 D = torch.float64
 LENGTH = 32
 

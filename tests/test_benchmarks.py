@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -66,6 +67,7 @@ def test_quick_runs_judge_nothing():
     assert _measure.summary_title(quick=True) == "Summary"
 
 
+@pytest.mark.slow
 def test_a_quick_benchmark_prints_a_clean_summary_and_plots_where_asked(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
     run = subprocess.run(
@@ -84,3 +86,11 @@ def test_a_quick_benchmark_prints_a_clean_summary_and_plots_where_asked(tmp_path
     table = out[out.index("system") : out.index("\nSummary")]
     assert not re.search(r"\s-\d", table), "a negative figure"
     assert (tmp_path / "budget-quick.png").stat().st_size > 0
+
+
+def test_no_script_imports_another_script():
+    """Shared systems and measuring live in the registry modules (``_systems``, ``_measure``)."""
+    scripts = {p.stem for p in BENCHMARKS.glob("[!_]*.py")}
+    for path in BENCHMARKS.glob("*.py"):
+        imported = set(re.findall(r"^\s*(?:from|import) (\w+)", path.read_text(), re.M))
+        assert imported & scripts == set(), path.name

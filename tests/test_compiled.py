@@ -17,6 +17,8 @@ import revtree
 from revtree.codecs import Duplicate, Split
 from revtree.couplings import Affine
 
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 D = torch.float64
 
 

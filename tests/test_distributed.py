@@ -1,5 +1,8 @@
 """DDP and FSDP2 as people run them, on 2 processes (gloo, CPU), against plain autograd.
 
+The one harness for distributed training: a reversible stack whose keyword context is
+computed from the model's own parameters (routed to ``f`` and ``g``), and a head.
+
 Every case trains 2 processes for a few steps on their halves of a batch and compares the
 parameters with one process of plain autograd (``reversible=False``) on the whole batch,
 in float64 to 1e-9: DDP and FSDP average the ranks' gradients of per-rank means, which is
@@ -20,6 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 import revtree
 
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 D = torch.float64
 WORLD = 2
 DEPTH = 3
@@ -36,22 +41,28 @@ class RowMixer(nn.Module):
             self.lin.weight.copy_(torch.randn(4, 4, generator=g, dtype=D) / 2)
         self.scale = nn.Parameter(torch.randn(4, generator=g, dtype=D))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         _watch()
-        return torch.tanh(self.lin(x) * self.scale)
+        return torch.tanh(self.lin(x) * self.scale + ctx.sum())
 
 
 class Model(nn.Module):
+    """A reversible stack whose keyword context is computed from the model's own parameters."""
+
     def __init__(self, reversible: bool = True) -> None:
         super().__init__()
         torch.manual_seed(0)  # the head's initial weights: the same in every process
+        self.context = nn.Parameter(torch.randn(3, dtype=D) / 4)
         self.seq = revtree.ReversibleSequence(
-            [(RowMixer(2 * i), RowMixer(2 * i + 1)) for i in range(DEPTH)], reversible=reversible
+            [(RowMixer(2 * i), RowMixer(2 * i + 1)) for i in range(DEPTH)],
+            reversible=reversible,
+            route="both",
         )
         self.head = nn.Linear(8, 1, dtype=D)
 
     def forward(self, x: torch.Tensor, blocks: list[int] | None = None) -> torch.Tensor:
-        return self.head(self.seq.run(x, blocks=blocks)).pow(2).mean()
+        out = self.seq.run(x, {"ctx": self.context.sin() * 2}, blocks=blocks)
+        return self.head(out).pow(2).mean()
 
 
 def _batch(step: int, micro: int = 0) -> torch.Tensor:
@@ -257,7 +268,8 @@ DDP = ["ddp", "ddp find_unused", "ddp static_graph", "ddp bucket_view", "ddp no_
 def test_ddp_as_people_run_it_equals_plain_autograd(case, tmp_path):
     result = _run(case, tmp_path)
     assert_trees_close(result["state"], _plain(case), tol=1e-9)
-    assert not torch.equal(result["state"]["head.weight"], Model().state_dict()["head.weight"])
+    for name in ("head.weight", "context"):  # trained, the context through the keyword
+        assert not torch.equal(result["state"][name], Model().state_dict()[name])
 
 
 FSDP = ["fsdp sequence", "fsdp blocks", "fsdp f and g", "fsdp mixed"]

@@ -12,6 +12,8 @@ import pytest
 pytest.importorskip("mkdocs")
 pytest.importorskip("mkdocstrings")
 
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_MODULES = ["revtree", "revtree.codecs", "revtree.couplings", "revtree.testing"]
 ADAPTERS = {
@@ -49,7 +51,8 @@ def test_every_example_renders_as_code(site: Path) -> None:
         titles = page.count('<span class="doc-section-title">Examples:</span>')
         highlighted = len(
             re.findall(
-                r'doc-section-title">Examples:</span></p>\s*<div class="highlight"><pre>'
+                r'doc-section-title">Examples:</span></p>\s*'
+                r'<div class="(?:language-\w+ )?highlight"><pre>'
                 r'<span></span><code><span class="gp">&gt;&gt;&gt;',
                 page,
             )

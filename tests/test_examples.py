@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 # (modules named _*.py are shared by the examples, not run on their own)
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("[!_]*.py"))
 SCI = r"\d\.\d+e[-+]\d+"  # a number as the examples print them, e.g. 5.4e-16

@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 
 def test_import_revtree_imports_no_optional_package():
     code = (

@@ -12,6 +12,8 @@ import revtree
 from revtree import RevtreeError, RevtreeWarning
 from revtree.adapters import _versions
 
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parent.parent

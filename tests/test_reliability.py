@@ -1,25 +1,22 @@
-"""The training stack: DDP, torch.compile, the drift guard, long runs."""
+"""The training stack: torch.compile, the drift guard, long runs (distributed: test_distributed)."""
 
 from __future__ import annotations
 
 import gc
-import os
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-from helpers import TreeMixer, assert_trees_close, finish, spawn, t
+from helpers import TreeMixer, assert_trees_close, t
 from torch import nn
 
 import revtree
 
-# ---------------------------------------------------------------------------------- DDP
+# ---------------------------------------------------------------------------- compile
 
 
-class RowMixer(nn.Module):
-    """A block function that treats each sample on its own (so data parallelism is exact)."""
+class ContextMixer(nn.Module):
+    """A block function over a dict, reading a keyword context."""
 
     def __init__(self, widths, seed):
         super().__init__()
@@ -43,7 +40,10 @@ class Model(nn.Module):
         torch.manual_seed(0)
         self.context = nn.Parameter(torch.randn(3, dtype=torch.float64))
         self.seq = revtree.ReversibleSequence(
-            [(RowMixer([2, 3], seed=2 * i), RowMixer([2, 3], seed=2 * i + 1)) for i in range(3)],
+            [
+                (ContextMixer([2, 3], seed=2 * i), ContextMixer([2, 3], seed=2 * i + 1))
+                for i in range(3)
+            ],
             reversible=reversible,
             route="both",
         )
@@ -58,79 +58,14 @@ def _batch():
     return {k: torch.randn(8, w, generator=g, dtype=torch.float64) for k, w in (("a", 4), ("b", 6))}
 
 
-def _train(model, batches, steps=3):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(steps):
-        for batch in batches:
-            opt.zero_grad()
-            model(batch).backward()
-            opt.step()
-    return model
-
-
-def _ddp_worker(rank, port, world, find_unused, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    try:
-        model = nn.parallel.DistributedDataParallel(
-            Model(reversible=True), find_unused_parameters=find_unused
-        )
-        shard = {k: v.chunk(world)[rank] for k, v in _batch().items()}
-        _train(model, [shard])
-        if rank == 0:
-            torch.save(model.module.state_dict(), out)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    finish()
-
-
-@pytest.mark.parametrize("find_unused", [False, True])
-def test_ddp_equals_single_process_plain_autograd(find_unused, tmp_path):
-    out = tmp_path / "ddp.pt"
-    spawn(_ddp_worker, 2, find_unused, str(out))
-    expected = _train(Model(reversible=False), [_batch()]).state_dict()
-    actual = torch.load(out)
-    assert_trees_close(dict(actual), dict(expected), tol=1e-9)
-    assert not torch.equal(actual["context"], Model(reversible=False).context.detach())
-
-
-def _fsdp_worker(rank, port, world, out):
-    from torch.distributed.fsdp import fully_shard
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    try:
-        model = Model(reversible=True)
-        fully_shard(model.seq)  # the reversible sequence is one unit, gathered for its backward
-        fully_shard(model)
-        _train(model, [{k: v.chunk(world)[rank] for k, v in _batch().items()}])
-        state = {k: v.full_tensor() for k, v in model.state_dict().items()}
-        if rank == 0:
-            torch.save(state, out)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    finish()
-
-
-def test_fsdp2_equals_single_process_plain_autograd(tmp_path):
-    out = tmp_path / "fsdp.pt"
-    spawn(_fsdp_worker, 2, str(out))
-    expected = _train(Model(reversible=False), [_batch()]).state_dict()
-    assert_trees_close(dict(torch.load(out)), dict(expected), tol=1e-9)
-
-
-# ---------------------------------------------------------------------------- compile
-
-
 # warnings dynamo raises from its own tracing machinery (its optree polyfill reads `.grad`
 # of the non-leaf context; it instantiates the autograd Function class): harmless
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 @pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be")
 @pytest.mark.parametrize("what", ["sequence", "blocks"])
 def test_torch_compile_gives_plain_gradients(what):
-    torch._dynamo.reset()
+    torch.compiler.reset()
     plain, model = Model(reversible=False), Model(reversible=True)
     expected = torch.autograd.grad(plain(_batch()), list(plain.parameters()))
     if what == "sequence":
@@ -200,6 +135,7 @@ def _live_tensors():
         return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
+@pytest.mark.slow
 def test_500_steps_hold_no_more_memory_and_warn_nothing():
     torch.manual_seed(0)
     blocks = [

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch.func import functional_call, vjp
 
-from .. import _torch
+from .. import _checks, _torch
 from .._errors import RevtreeWarning
 from .._replay._autocast import AutocastState
 from .._replay._modes import modes_of, restore_modes, set_modes
@@ -108,7 +108,7 @@ class Compiled:
                 f"block {run.index} runs on the eager engine under compile=True: {verdict}. "
                 "Its gradients are exact either way; only its speed differs.",
                 RevtreeWarning,
-                stacklevel=8,
+                stacklevel=_checks.caller_level(),
             )
 
     # ------------------------------------------------------------------------ forward

@@ -484,6 +484,14 @@ class BlockRun:
         reads = self._reads(j, leaves)
         hint = layout.hint(reads, str(error), self.names[j]) if reads else None
         message = str(error)
+        if isinstance(error, TypeError) and "argument" in message and hint is None:
+            hint = (
+                f"Hint: a call's keyword arguments reach f only, by default (route='f'); "
+                f"route='g' sends them to g, route='both' to both, and route=(('mask',), "
+                f"('mask', 'context')) names them per function (on the sequence or per "
+                f"block). {self.names[j]} raised the TypeError above: does it take the "
+                "keyword arguments it is given, and get those it needs?"
+            )
         if "cannot register a hook on a tensor that doesn't require gradient" in message:
             hint = (
                 f"Hint: {self.names[j]}'s forward call runs under torch.no_grad() (nothing is "

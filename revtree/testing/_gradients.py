@@ -99,7 +99,7 @@ def compare_gradients(
         >>> from torch import nn
         >>> import revtree
         >>> from revtree.testing import compare_gradients
-        >>> seq = revtree.ReversibleSequence([(nn.Linear(2, 2), nn.Linear(2, 2))] * 4).double()
+        >>> seq = revtree.ReversibleSequence.from_factory(lambda: nn.Linear(2, 2), 4).double()
         >>> report = compare_gradients(seq, torch.randn(3, 4, dtype=torch.float64))
         >>> report.worst < 1e-10
         True

@@ -72,7 +72,7 @@ def reconstruction_errors(seq: ReversibleSequence, x: Any, /, **kwargs: Any) -> 
         >>> from torch import nn
         >>> import revtree
         >>> from revtree.testing import reconstruction_errors
-        >>> seq = revtree.ReversibleSequence([(nn.Linear(2, 2), nn.Linear(2, 2))] * 3)
+        >>> seq = revtree.ReversibleSequence.from_factory(lambda: nn.Linear(2, 2), 3)
         >>> drift = reconstruction_errors(seq, torch.randn(8, 4))
         >>> max(d.accumulated for d in drift) < 1e-5
         True

@@ -31,6 +31,8 @@ import copy
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 # ------------------------------------------------------------------ se3-transformer-pytorch
 
 
