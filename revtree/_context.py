@@ -92,13 +92,18 @@ class Context:
         return self.spec.accessors()[self.positions[k]].codify("kwargs")
 
     @property
+    def empty(self) -> bool:
+        """Whether the call had no keyword arguments at all."""
+        return self.spec.num_children == 0
+
+    @property
     def tensors(self) -> list[torch.Tensor]:
         """The tensor leaves of the keyword arguments, in flattening order."""
         return [self.leaves[i] for i in self.positions]
 
     def rebuild(self, tensors: Sequence[torch.Tensor]) -> dict[str, Any]:
         """The keyword arguments with ``tensors`` put in."""
-        if not self.leaves:
+        if self.empty:
             return {}
         leaves = list(self.leaves)
         for position, tensor in zip(self.positions, tensors):

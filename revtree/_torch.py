@@ -7,7 +7,7 @@ where a private attribute is missing in some release, the function says what it 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import chain, repeat
 from operator import attrgetter
 from typing import Any
@@ -101,7 +101,7 @@ _HOOK_DICTS = attrgetter(
 )
 
 
-def hooks_count(modules: Sequence[nn.Module]) -> int:
+def hooks_count(modules: Iterable[nn.Module]) -> int:
     """How many forward and backward hooks ``modules`` carry, all told."""
     return sum(map(len, chain.from_iterable(map(_HOOK_DICTS, modules))))
 

@@ -179,14 +179,19 @@ def test_the_packages_own_path_is_what_is_wrong():
     assert_trees_close(got, expected, tol=1e-9)
 
 
-def test_hidden_states_and_attentions_as_the_package_returns_them_with_gradients():
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "no mask"])
+def test_hidden_states_and_attentions_as_the_package_returns_them_with_gradients(masked):
+    """Without a mask every keyword of the encoder's call is a plain value: they reach the
+    recomputation too (once they did not, and the attentions lost their gradients)."""
     plain, ours = pair(hf.ReformerModel, layers=("lsh", "local", "lsh"))
     ids, mask = inputs()
     flags = dict(output_hidden_states=True, output_attentions=True)
+    if masked:
+        flags["attention_mask"] = mask
     results = []
     for model in (plain, ours):
         torch.manual_seed(7)
-        out = model(ids, attention_mask=mask, **flags)
+        out = model(ids, **flags)
         loss = loss_of(out) + out.hidden_states[1].sum() + out.attentions[2].square().sum()
         grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
         results.append((out, grads))
@@ -195,6 +200,20 @@ def test_hidden_states_and_attentions_as_the_package_returns_them_with_gradients
     assert_trees_close(list(got.hidden_states), list(expected.hidden_states), tol=1e-12)
     assert_trees_close(list(got.attentions), list(expected.attentions), tol=1e-12)
     assert_trees_close(list(got_grads), list(expected_grads), tol=1e-9)
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "no mask"])
+def test_num_hashes_given_at_the_call(masked):
+    """``num_hashes`` at the call, not the config's: the recomputation hashes as the forward."""
+    plain, ours = pair(layers=("lsh", "lsh"), num_hashes=1)
+    ids, mask = inputs()
+    kwargs = {"attention_mask": mask} if masked else {}
+    results = []
+    for model in (plain, ours):
+        torch.manual_seed(9)
+        loss = loss_of(model(ids, num_hashes=3, **kwargs))
+        results.append(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
+    assert_trees_close(list(results[1]), list(results[0]), tol=1e-9)
 
 
 def test_backward_in_eval_mode():

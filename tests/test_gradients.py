@@ -106,6 +106,8 @@ def cases(draw, prefix: bool = False, dropouts=(0.0, 0.3)):
         route=draw(st.sampled_from(["f", "g", "both"])),
         mode=draw(st.sampled_from(["backward", "grad"])),
         with_ctx=draw(st.booleans()),
+        # without tensors among the keyword arguments: plain values alone, or none
+        values_only=draw(st.booleans()),
         reversible=draw(
             st.one_of(st.just(True), st.lists(st.booleans(), min_size=depth, max_size=depth))
         ),
@@ -128,7 +130,7 @@ def _check_against_reference(case, device="cpu") -> list:
 
     def kwargs():
         if not case["with_ctx"]:
-            return {}
+            return {"scale": 0.5} if case.get("values_only") else {}
         # a leaf tensor and non-leaf tensors that need gradients, in a nested tree, beside
         # non-tensor leaves
         ctx = {

@@ -727,3 +727,67 @@ def test_a_function_that_sets_a_training_flag_itself_recomputes_as_it_ran():
         for a, b in zip(buffers(blocks), buffers(ref)):
             assert torch.equal(a, b)
         assert frozen.training is ref[0][0].frozen.training is False
+
+
+class Scaled(nn.Module):
+    """``f`` or ``g`` that reads keyword arguments which are not tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2, dtype=D)
+
+    def forward(self, x, scale=1.0, flip=False, opts=None, tags=(), extra=None):
+        h = torch.tanh(self.lin(x)) * scale
+        if flip:
+            h = -h
+        if opts is not None:
+            h = h + len(opts)
+        return h * (1 + len(tags)) if extra is None else h + extra
+
+
+NON_TENSOR_KWARGS = [
+    {"scale": 3.0},
+    {"scale": 2, "flip": True},
+    {"opts": {}},  # an empty container: a keyword with no leaves
+    {"tags": ("a", "b"), "opts": []},
+    {"scale": 0.5, "extra": torch.full((2,), 0.25, dtype=D)},  # beside a tensor
+]
+ENGINES = {
+    "eager": {},
+    "compiled": {"compile": True},
+    "budget": {"memory_budget": 100},
+    "mixed": {"reversible": [True, False, True]},
+}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("kwargs", NON_TENSOR_KWARGS, ids=str)
+def test_keyword_arguments_that_are_not_tensors_reach_the_recomputation(kwargs, engine):
+    """Plain values among the keyword arguments reach every call, forward and recomputed."""
+    torch.manual_seed(0)
+    blocks = [(Scaled(), Scaled()) for _ in range(3)]
+    ref_blocks = copy.deepcopy(blocks)
+    seq = revtree.ReversibleSequence(blocks, route="both", **ENGINES[engine])
+    x = torch.randn(3, 4, dtype=D, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+
+    def reference(x):
+        x1, x2 = x.chunk(2, -1)
+        for f, g in ref_blocks:
+            x1 = x1 + f(x2, **kwargs)
+            x2 = x2 + g(x1, **kwargs)
+        return torch.cat((x1, x2), -1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the compiled engine's notes
+        for _ in range(3):  # the compiled engine compiles at the second step
+            for p in [*params(blocks), *params(ref_blocks)]:
+                p.grad = None
+            x.grad = xr.grad = None
+            y, expected = seq(x, **kwargs), reference(xr)
+            (y.square().sum()).backward()
+            expected.square().sum().backward()
+            assert_trees_close(y, expected, what="output")
+            assert_trees_close(x.grad, xr.grad, what="x.grad")
+            for p, q in zip(params(blocks), params(ref_blocks)):
+                assert_trees_close(p.grad, q.grad, what="parameter")

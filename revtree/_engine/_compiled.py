@@ -78,18 +78,20 @@ class Compiled:
 
     def _key(self, run: BlockRun, call_or_back: Any) -> tuple[Any, ...]:
         shared = run.shared
-        context = shared.context
-        x = shared.layout  # the layout's structure; shapes below
-        signature = (
-            x.spec,
-            context.spec,
-            tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in context.tensors),
-            shared.autocast,
-            run.program[0].coupling,
-            run.program[0].receives,
-            run.program[1].receives,
-        )
-        number = self._signatures.setdefault(signature, len(self._signatures))
+        spec_f, spec_g = run.program
+        mine = (spec_f.coupling, spec_f.receives, spec_g.receives)
+        number = shared.signatures.get(mine)  # the same for most blocks of a call
+        if number is None:
+            context = shared.context
+            signature = (
+                shared.layout.spec,  # the layout's structure; shapes below
+                context.spec,
+                tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in context.tensors),
+                shared.autocast,
+                *mine,
+            )
+            number = self._signatures.setdefault(signature, len(self._signatures))
+            shared.signatures[mine] = number
         walks = tuple(w.serial for w in run.walks)
         return (walks, run.fns[0].training, run.fns[1].training, number, call_or_back)
 
@@ -146,7 +148,7 @@ class Compiled:
         generators = call.generators
         before = generators.capture() if generators is not None else None
         try:
-            forward, _ = self._functions_for(run)
+            forward, _ = self._functions_for(run, key)
             y1, y2 = forward(run.fns[0], run.fns[1], pf, pg, state[0], state[1], kt, kother)
         except Exception as e:  # dynamo could not trace it whole: eager from now on
             self._judge(run, key, _untraceable(e))
@@ -176,11 +178,14 @@ class Compiled:
         eager: Any,
     ) -> None:
         """Block ``run`` in reverse: compiled if its forward ran so, else ``eager``, judged."""
-        modules, modes = _forward_modes(run)
-        flipped = set_modes(modules, modes)
+        replayable, flipped = True, []
+        if not _modes_as_found(run):  # the common case: nothing to set
+            modules, modes = _forward_modes(run)
+            replayable = len(modes) == len(modules)
+            flipped = set_modes(modules, modes)
         try:
             key = self._key(run, x_signature(state))
-            if run.compiled and len(modes) == len(modules):
+            if run.compiled and replayable:
                 if self._run_reverse(run, back, state, dstate, key):
                     return
         finally:
@@ -213,7 +218,7 @@ class Compiled:
         pf, pg = (_handles(w, run.records[j][0], handles) for j, w in enumerate(run.walks))
         kt, kother = _keywords(run, back.keywords)
         try:
-            _, reverse = self._functions_for(run)
+            _, reverse = self._functions_for(run, key)
             y1, y2 = [t.detach() for t in state[0]], [t.detach() for t in state[1]]
             out = reverse(run.fns[0], run.fns[1], *pf, *pg, y1, y2, *dstate, kt, kother)
         except Exception as e:
@@ -221,10 +226,9 @@ class Compiled:
             return False
         x1, x2, dx1, dx2, dpf, dpg, dkt = out
         for j, grads in enumerate((dpf, dpg)):
-            record = run.records[j][0]
-            for p, name in zip(record.positions, run.walks[j].names):
-                if p >= 0:
-                    back.add(p, grads[name])
+            found = zip(run.records[j][0].positions, run.walks[j].names)
+            wanted = [(p, name) for p, name in found if p >= 0]
+            back.add_many([p for p, _ in wanted], [grads[name] for _, name in wanted])
         totals = back.kw_totals
         for k, g in zip(back.kw_wanted, dkt):
             if g is not None:
@@ -235,7 +239,14 @@ class Compiled:
 
     # ---------------------------------------------------------------------- functions
 
-    def _functions_for(self, run: BlockRun) -> tuple[Any, Any]:
+    def _functions_for(self, run: BlockRun, key: tuple[Any, ...]) -> tuple[Any, Any]:
+        """The block's compiled forward and reverse, looked up once per ``key``."""
+        found = self.learned.functions.get(key)
+        if found is None:
+            found = self.learned.functions[key] = self._lookup(run)
+        return found
+
+    def _lookup(self, run: BlockRun) -> tuple[Any, Any]:
         shared = run.shared
         context = shared.context
         spec_f, spec_g = run.program
@@ -251,6 +262,7 @@ class Compiled:
             context.positions,
             tuple(context.receiving(spec_f.receives[0])),
             tuple(context.receiving(spec_g.receives[0])),
+            None if context.empty else (spec_f.receives[0], spec_g.receives[0]),
             context.keys,
             tuple(t.requires_grad for t in context.tensors),
             shared.autocast,
@@ -358,6 +370,14 @@ def _forward_modes(run: BlockRun) -> tuple[list[Any], list[bool]]:
     return [m for m, _ in found.values()], [mode for _, mode in found.values()]
 
 
+def _modes_as_found(run: BlockRun) -> bool:
+    """Whether every module of ``f`` and ``g`` is in the mode its forward call found."""
+    return all(
+        not records or modes_of(walk.modules) == records[0].modes
+        for walk, records in zip(run.walks, run.records)
+    )
+
+
 def _keywords(run: BlockRun, tensors: Leaves) -> tuple[Leaves, list[Any]]:
     """The keyword tensors (detached) and every leaf of the keyword arguments."""
     context = run.shared.context
@@ -378,14 +398,16 @@ def _build(key: tuple[Any, ...]) -> tuple[Any, Any]:
         positions,
         recv_f,
         recv_g,
+        receives,
         keys,
         needs,
         autocast,
     ) = key
     wanted = [i for i, need in enumerate(needs) if need]
-    to_f, to_g = bool(recv_f), bool(recv_g)
-    names_f = frozenset(keys[i] for i in recv_f)
-    names_g = frozenset(keys[i] for i in recv_g)
+    to_f, to_g = bool(recv_f), bool(recv_g)  # whether it receives keyword tensors
+    # the keyword arguments each function is called with, tensors or not (None: all)
+    names_f, names_g = (_names(r) for r in receives or (False, False))
+    pass_f, pass_g = names_f != frozenset(), names_g != frozenset()
 
     # dynamo traces no optree structure built outside it: the trees are rebuilt and read
     # by plain Python along a template (supported: dicts, lists, tuples, named tuples)
@@ -400,12 +422,12 @@ def _build(key: tuple[Any, ...]) -> tuple[Any, Any]:
         _flatten_like(updates, out, found)
         return found
 
-    def kwargs(tensors: Leaves, others: list[Any], names: frozenset) -> dict[str, Any]:
+    def kwargs(tensors: Leaves, others: list[Any], names: frozenset | None) -> dict[str, Any]:
         leaves = list(others)
         for i, t in zip(positions, tensors):
             leaves[i] = t
         full = _unflatten(keywords, leaves)
-        return {k: v for k, v in full.items() if k in names}
+        return full if names is None else {k: v for k, v in full.items() if k in names}
 
     def combine(x: Leaves, u: Leaves) -> Leaves:
         n = len(x)
@@ -416,18 +438,18 @@ def _build(key: tuple[Any, ...]) -> tuple[Any, Any]:
         return [coupling.uncombine(b, *u[i::n]) for i, b in enumerate(y)]
 
     def forward(f, g, pf, pg, x1, x2, kt, kother):
-        kw_f = kwargs(kt, kother, names_f) if to_f else {}
+        kw_f = kwargs(kt, kother, names_f) if pass_f else {}
         fu = leaves_of(functional_call(f, pf, (tree(x2),), kw_f))
         y1 = combine(x1, fu)
-        kw_g = kwargs(kt, kother, names_g) if to_g else {}
+        kw_g = kwargs(kt, kother, names_g) if pass_g else {}
         gu = leaves_of(functional_call(g, pg, (tree(y1),), kw_g))
         return y1, combine(x2, gu)
 
-    def half(fn, wanted_p, fixed_p, x_in, y_self, dy_self, kt, kother, routed, names):
+    def half(fn, wanted_p, fixed_p, x_in, y_self, dy_self, kt, kother, routed, names, passed):
         """One function of the block in reverse: rebuild its stream, back-propagate."""
 
         def call(p, xs, k):
-            kw = kwargs(k, kother, names) if routed else {}
+            kw = kwargs(k, kother, names) if passed else {}
             return functional_call(fn, {**fixed_p, **p}, (tree(xs),), kw)
 
         def run(p, xs, ks):
@@ -449,9 +471,9 @@ def _build(key: tuple[Any, ...]) -> tuple[Any, Any]:
         return x_self, dx_self, dx_in, dp, dks
 
     def reverse(f, g, pf, ff, pg, fg, y1, y2, dy1, dy2, kt, kother):
-        x2, dx2, dx1_g, dpg, dk_g = half(g, pg, fg, y1, y2, dy2, kt, kother, to_g, names_g)
+        x2, dx2, dx1_g, dpg, dk_g = half(g, pg, fg, y1, y2, dy2, kt, kother, to_g, names_g, pass_g)
         dx1 = [a + b for a, b in zip(dy1, dx1_g)]
-        x1, dx1, dx2_f, dpf, dk_f = half(f, pf, ff, x2, y1, dx1, kt, kother, to_f, names_f)
+        x1, dx1, dx2_f, dpf, dk_f = half(f, pf, ff, x2, y1, dx1, kt, kother, to_f, names_f, pass_f)
         dx2 = [a + b for a, b in zip(dx2, dx2_f)]
         dk = []
         for n, i in enumerate(wanted):  # None where neither f nor g receives the keyword
@@ -461,6 +483,13 @@ def _build(key: tuple[Any, ...]) -> tuple[Any, Any]:
 
     compile_ = torch.compile(fullgraph=True, dynamic=False)
     return compile_(_own_code(forward)), compile_(_own_code(reverse))
+
+
+def _names(receives: Any) -> frozenset[str] | None:
+    """The keyword names a function receives (``None``: every one)."""
+    if receives is True:
+        return None
+    return frozenset(receives or ())
 
 
 def _own_code(fn: Any) -> Any:

@@ -201,7 +201,16 @@ class Known:
 class Learned:
     """What the engine learned about a sequence's functions (see the module's docstring)."""
 
-    __slots__ = ("__weakref__", "blocks", "grown", "policy", "programs", "verdicts", "walks")
+    __slots__ = (
+        "__weakref__",
+        "blocks",
+        "functions",
+        "grown",
+        "policy",
+        "programs",
+        "verdicts",
+        "walks",
+    )
 
     def __init__(self) -> None:
         self.grown = False  # something new was learned: what is stale may be forgotten
@@ -210,6 +219,7 @@ class Learned:
         self.programs: dict[tuple[Any, ...], Any] = {}  # per block, coupling, route, parts
         self.policy = Policy()  # which modules change their buffers
         self.verdicts: dict[tuple[Any, ...], Any] = {}  # compiled engine: per block structure
+        self.functions: dict[tuple[Any, ...], Any] = {}  # its compiled functions, keyed alike
 
     def __reduce__(self) -> tuple[type[Learned], tuple[()]]:
         """Pickled (and copied) empty: what it learned is learned again."""
@@ -247,3 +257,4 @@ class Learned:
         self.programs = {k: v for k, v in self.programs.items() if k[0] in live}
         serials = {w.serial for w in self.walks.values()}
         self.verdicts = {k: v for k, v in self.verdicts.items() if set(k[0]) <= serials}
+        self.functions = {k: v for k, v in self.functions.items() if set(k[0]) <= serials}

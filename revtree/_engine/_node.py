@@ -193,7 +193,7 @@ class Tape:
                 who = next(n for n, w in zip(run.names, run.walks) if not w.valid())
                 what = "a submodule, parameter or buffer was added or replaced"
                 _checks.function_changed(run.index, who, what)
-            if run.hooks != sum(_torch.hooks_count(w.modules) for w in run.walks):
+            if run.hooks != run.hooks_now():
                 who = " or ".join(run.names)
                 _checks.function_changed(
                     run.index, who, "hooks of its modules were added or removed"

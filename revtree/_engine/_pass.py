@@ -105,7 +105,7 @@ def forward_nodes(
                 at += 1
                 run = BlockRun(shared, index, block, program, tape)
                 tape.hooked = tape.hooked or any(map(_torch.has_module_hooks, run.fns))
-                run.hooks = sum(_torch.hooks_count(w.modules) for w in run.walks)
+                run.hooks = run.hooks_now()
                 tape.managed = tape.managed or run.managed
                 if settings.check_drift is not None:
                     run.sample = _drift.sample([t for part in state for t in part])

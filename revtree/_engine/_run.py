@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from itertools import chain
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,7 @@ Leaves = list[torch.Tensor]
 
 
 _SHAPE = attrgetter("shape")
+_MODULES = attrgetter("modules")
 
 
 class Settings:
@@ -71,7 +73,7 @@ class Settings:
 class Shared:
     """What every node of one call of a sequence keeps for its backward."""
 
-    __slots__ = ("autocast", "context", "generators", "layout", "settings")
+    __slots__ = ("autocast", "context", "generators", "layout", "settings", "signatures")
 
     def __init__(self, layout: Layout, context: Context, settings: Settings) -> None:
         self.layout = layout
@@ -79,6 +81,7 @@ class Shared:
         self.settings = settings
         self.generators: Generators | None = None
         self.autocast: AutocastState | None = None
+        self.signatures: dict[Any, int] = {}  # the compiled engine's, per coupling and route
 
 
 class Call:
@@ -143,7 +146,7 @@ class Call:
     def view(self, recorded: bool, receives: Normal) -> View:
         """What a function that ``receives`` gets: its keyword arguments, their tensors."""
         context = self.shared.context
-        if not context.leaves:
+        if context.empty:
             return _NO_KEYWORDS
         key = (recorded, receives)
         view = self._views.get(key)
@@ -229,6 +232,10 @@ class BlockRun:
         self.sample: Any = None
         self.compiled = False  # whether its forward ran compiled (see _compiled)
         self.hooks = 0  # how many hooks its modules carried in the forward (for backward)
+
+    def hooks_now(self) -> int:
+        """How many hooks the modules of its functions carry now."""
+        return _torch.hooks_count(chain.from_iterable(map(_MODULES, self.walks)))
 
     # ----------------------------------------------------------------------- forward
 

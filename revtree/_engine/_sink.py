@@ -116,7 +116,7 @@ class Backward:
         Its keyword arguments, their tensors, their positions, and those of them whose
         gradient is wanted.
         """
-        if not self.keywords:
+        if self.context.empty:
             return _NO_KEYWORDS
         view = self.views.get(receives)
         if view is None:
@@ -217,9 +217,9 @@ class Backward:
             if g is not None:
                 totals[p] = g if totals[p] is None else totals[p] + g
 
-    def add(self, position: int, grad: Any) -> None:
-        """Add a gradient computed elsewhere (the compiled engine) to source ``position``."""
-        self._add((position,), (grad,))
+    def add_many(self, positions: Sequence[int], grads: Sequence[Any]) -> None:
+        """Add gradients computed elsewhere (the compiled engine) to sources ``positions``."""
+        self._add(positions, grads)
 
     def source_grads(self) -> list[Any]:
         """The gradient of each source (``None`` where none reached it)."""
