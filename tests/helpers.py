@@ -18,9 +18,33 @@ TOL = 1e-10
 INTERLEAVE = "... (c two) -> two ... c"
 
 
-def t(*shape: int, requires_grad: bool = True, seed: int = 0) -> torch.Tensor:
+def t(
+    *shape: int, requires_grad: bool = True, seed: int = 0, dtype: torch.dtype = DTYPE
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=DTYPE).requires_grad_(requires_grad)
+    return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(requires_grad)
+
+
+def plain(blocks: Any, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """The plain coupling on one tensor split in two on its last axis, keywords to f."""
+    x1, x2 = x.chunk(2, -1)
+    for f, g in blocks:
+        x1 = x1 + f(x2, **kwargs)
+        x2 = x2 + g(x1)
+    return torch.cat((x1, x2), -1)
+
+
+def grads(loss: torch.Tensor, sources: list[Any], mode: str) -> list[Any]:
+    """The gradients of ``sources``, by ``loss.backward()`` or ``torch.autograd.grad``."""
+    if mode == "grad":
+        return list(torch.autograd.grad(loss, sources, allow_unused=True))
+    for s in sources:
+        s.grad = None
+    loss.backward()
+    out = [s.grad for s in sources]
+    for s in sources:
+        s.grad = None
+    return out
 
 
 def tree_catalogue() -> list[Any]:

@@ -9,6 +9,7 @@ from helpers import (
     TreeMixer,
     assert_trees_close,
     codec_for,
+    grads,
     materialize,
     t,
     trees,
@@ -116,16 +117,7 @@ def test_gradients_equal_plain_autograd(case):
 
     def step(forward):
         torch.manual_seed(case["seed"])
-        value = _loss(forward())
-        if case["mode"] == "grad":
-            return torch.autograd.grad(value, sources, allow_unused=True)
-        for s in sources:
-            s.grad = None
-        value.backward()
-        out = [s.grad for s in sources]
-        for s in sources:
-            s.grad = None
-        return out
+        return grads(_loss(forward()), sources, case["mode"])
 
     expected = step(lambda: _plain_reference(coupling, blocks, x, codecs, upstream.sin()))
     actual = step(lambda: seq(x, ctx=upstream.sin()))

@@ -15,6 +15,7 @@ from helpers import (
     assert_trees_close,
     codec_for,
     codec_prefixes,
+    grads,
     half_widths,
     make_blocks,
     materialize,
@@ -66,16 +67,7 @@ def _step(forward, sources, mode, seed, loss_of=None):
     torch.manual_seed(seed)
     y = forward()
     loss = _loss(y) if loss_of is None else loss_of(y)
-    if mode == "grad":
-        grads = torch.autograd.grad(loss, sources, allow_unused=True)
-    else:
-        for s in sources:
-            s.grad = None
-        loss.backward()
-        grads = [s.grad for s in sources]
-        for s in sources:
-            s.grad = None
-    return y, list(grads), _rng_states()
+    return y, grads(loss, sources, mode), _rng_states()
 
 
 def _is_shape(s) -> bool:

@@ -13,7 +13,8 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_trees_close
+from helpers import assert_trees_close, grads, plain
+from helpers import t as x_
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal, weight_norm
@@ -22,31 +23,6 @@ import revtree
 
 D = torch.float64
 MODES = ["backward", "grad"]
-
-
-def plain(blocks, x, **kwargs):
-    x1, x2 = x.chunk(2, -1)
-    for f, g in blocks:
-        x1 = x1 + f(x2, **kwargs)
-        x2 = x2 + g(x1)
-    return torch.cat((x1, x2), -1)
-
-
-def grads(loss, sources, mode):
-    if mode == "grad":
-        return list(torch.autograd.grad(loss, sources, allow_unused=True))
-    for s in sources:
-        s.grad = None
-    loss.backward()
-    out = [s.grad for s in sources]
-    for s in sources:
-        s.grad = None
-    return out
-
-
-def x_(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=D).requires_grad_()
 
 
 def lin(width=3, seed=0):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_trees_close
+from helpers import assert_trees_close, grads
+from helpers import t as x_
 from torch import nn
 
 import revtree
@@ -16,23 +17,6 @@ from revtree.codecs import Duplicate, Split, Whole
 
 D = torch.float64
 MODES = ["backward", "grad"]
-
-
-def grads(loss, sources, mode):
-    if mode == "grad":
-        return list(torch.autograd.grad(loss, sources, allow_unused=True))
-    for s in sources:
-        s.grad = None
-    loss.backward()
-    out = [s.grad for s in sources]
-    for s in sources:
-        s.grad = None
-    return out
-
-
-def x_(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=D).requires_grad_()
 
 
 def weights(y):

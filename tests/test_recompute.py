@@ -13,7 +13,8 @@ import warnings
 import optree
 import pytest
 import torch
-from helpers import assert_trees_close
+from helpers import assert_trees_close, grads, plain
+from helpers import t as x_
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -25,39 +26,12 @@ from revtree.couplings import Coupling, Momentum
 D = torch.float64
 
 
-def plain(blocks, x, **kwargs):
-    """The plain coupling on one tensor split in two on its last axis, keywords to f."""
-    x1, x2 = x.chunk(2, -1)
-    for f, g in blocks:
-        x1 = x1 + f(x2, **kwargs)
-        x2 = x2 + g(x1)
-    return torch.cat((x1, x2), -1)
-
-
 def params(blocks):
     return [p for f, g in blocks for p in (*f.parameters(), *g.parameters())]
 
 
 def buffers(blocks):
     return [b for f, g in blocks for b in (*f.buffers(), *g.buffers())]
-
-
-def grads(loss, sources, mode):
-    """The gradients of ``sources``, by ``loss.backward()`` or ``torch.autograd.grad``."""
-    if mode == "grad":
-        return list(torch.autograd.grad(loss, sources, allow_unused=True))
-    for s in sources:
-        s.grad = None
-    loss.backward()
-    out = [s.grad for s in sources]
-    for s in sources:
-        s.grad = None
-    return out
-
-
-def x_(*shape, seed=0, dtype=D):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
 
 
 def mlp(width=3, dtype=D):
