@@ -228,11 +228,8 @@ class Compiled:
         for j, grads in enumerate((dpf, dpg)):
             found = zip(run.records[j][0].positions, run.walks[j].names)
             wanted = [(p, name) for p, name in found if p >= 0]
-            back.add_many([p for p, _ in wanted], [grads[name] for _, name in wanted])
-        totals = back.kw_totals
-        for k, g in zip(back.kw_wanted, dkt):
-            if g is not None:
-                totals[k] = g if totals[k] is None else totals[k] + g
+            back.add([p for p, _ in wanted], [grads[name] for _, name in wanted])
+        back.add_keywords(back.kw_wanted, dkt)
         state[0], state[1] = list(x1), list(x2)
         dstate[0], dstate[1] = list(dx1), list(dx2)
         return True

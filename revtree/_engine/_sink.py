@@ -172,16 +172,9 @@ class Backward:
             if "use_reentrant=True" in str(e):
                 _checks.reentrant_checkpoint(*where)
             raise
-        totals = self.totals
-        for p, g in zip(positions, out[n : n + m]):
-            if g is not None:
-                t = totals[p]
-                totals[p] = g if t is None else t + g
+        self.add(positions, out[n : n + m])
         if keywords:
-            kw_totals = self.kw_totals
-            for k, g in zip(keywords, out[n + m :]):
-                if g is not None:
-                    kw_totals[k] = g if kw_totals[k] is None else kw_totals[k] + g
+            self.add_keywords(keywords, out[n + m :])
         return list(out[:n])
 
     def _keywords(self, keywords: list[int]) -> list[torch.Tensor]:
@@ -205,21 +198,19 @@ class Backward:
                 retain_graph=True,
                 allow_unused=True,
             )
-            self._add(external, found)
+            self.add(external, found)
             positions = [p for p in positions if p not in external]
         inputs = (*leaves, *(handles[p] for p in positions), *self._keywords(keywords))
         _torch.run_backward(kept, kept_grads, inputs, True)
         return [t.grad for t in leaves]
 
-    def _add(self, positions: Sequence[int], grads: Sequence[Any]) -> None:
-        totals = self.totals
-        for p, g in zip(positions, grads):
-            if g is not None:
-                totals[p] = g if totals[p] is None else totals[p] + g
+    def add(self, positions: Sequence[int], grads: Sequence[Any]) -> None:
+        """Add ``grads`` to the totals of the sources at ``positions`` (``None``: nothing)."""
+        _accumulate_into(self.totals, positions, grads)
 
-    def add_many(self, positions: Sequence[int], grads: Sequence[Any]) -> None:
-        """Add gradients computed elsewhere (the compiled engine) to sources ``positions``."""
-        self._add(positions, grads)
+    def add_keywords(self, keywords: Sequence[int], grads: Sequence[Any]) -> None:
+        """Add ``grads`` to the totals of the keyword tensors at ``keywords``."""
+        _accumulate_into(self.kw_totals, keywords, grads)
 
     def source_grads(self) -> list[Any]:
         """The gradient of each source (``None`` where none reached it)."""
@@ -237,6 +228,13 @@ class Backward:
             wanted = set(self.kw_wanted)
             return [kw.grad if k in wanted else None for k, kw in enumerate(self.keywords)]
         return self.kw_totals
+
+
+def _accumulate_into(totals: list[Any], positions: Sequence[int], grads: Sequence[Any]) -> None:
+    for p, g in zip(positions, grads):
+        if g is not None:
+            t = totals[p]
+            totals[p] = g if t is None else t + g
 
 
 _NO_KEYWORDS: tuple[dict[str, Any], Leaves, list[int], list[int]] = ({}, [], [], [])
