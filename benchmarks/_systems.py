@@ -357,6 +357,8 @@ def build_named(system: str, pairs: list) -> nn.Module | None:
         return revtree.ReversibleSequence(pairs)
     if system == "revtree compiled":
         return revtree.ReversibleSequence(pairs, compile=True)
+    if system == "revtree compile=8":
+        return revtree.ReversibleSequence(pairs, compile=8)
     if peer(NAMED[system]) is None:
         return None
     return build("a", NAMED[system], pairs)

@@ -208,7 +208,8 @@ def small(quick: bool, rounds: int, budget: float) -> dict[str, Any]:
     with DEVICE:
         pairs = mlp_pairs(depth, d)
         x = torch.randn(batch, tokens, 2 * d, requires_grad=True)
-    names = ["plain", "checkpoint", "revtree", "revtree compiled", *PEERS, "plain compiled"]
+    names = ["plain", "checkpoint", "revtree", "revtree compiled", "revtree compile=8", *PEERS]
+    names.append("plain compiled")
     models = {}
     for name in names:
         if name == "plain compiled" and time.perf_counter() - STARTED > budget:

@@ -18,12 +18,13 @@ leaves  8 leaves ``(1, 2, 4, 2l + 1)``, ``tanh(w * x)`` per leaf (the peers benc
 Printed per system: microseconds per block per training step (forward + loss + backward),
 its excess over plain autograd, and that excess less one no-grad forward of plain (the
 recomputation every reversible engine and checkpointing do by design). ``--compile`` adds
-revtree's compiled engine (``compile=True``) and ``torch.compile`` of the plain stack, and
-the compiled engine's step against both.
+revtree's compiled engine (``compile=True``, one graph per block, and ``compile=8``, up to 8
+blocks as one graph; ``--groups 4 8 16`` for others) and ``torch.compile`` of the plain
+stack, and the compiled engine's step against both.
 
 Usage:
     python benchmarks/overhead.py              # ~2 minutes
-    python benchmarks/overhead.py --compile    # ~5 minutes, most of it compiling
+    python benchmarks/overhead.py --compile    # ~10 minutes, most of it compiling
     python benchmarks/overhead.py --quick      # fewer rounds
 """
 
@@ -48,7 +49,9 @@ import revtree
 from revtree.codecs import Degree, Duplicate
 
 
-def systems(workload: str, depth: int, compile_: bool) -> tuple[dict[str, nn.Module], Any]:
+def systems(
+    workload: str, depth: int, compile_: bool, groups: list[int]
+) -> tuple[dict[str, nn.Module], Any]:
     torch.manual_seed(0)
     if workload in ("tiny", "small"):
         d, shape = (8, (1, 4, 16)) if workload == "tiny" else (32, (8, 64, 64))
@@ -72,6 +75,10 @@ def systems(workload: str, depth: int, compile_: bool) -> tuple[dict[str, nn.Mod
         out["revtree compile"] = revtree.ReversibleSequence(
             copy.deepcopy(pairs), compile=True, **kw
         )
+        for n in groups:
+            out[f"revtree compile={n}"] = revtree.ReversibleSequence(
+                copy.deepcopy(pairs), compile=n, **kw
+            )
         plain = Plain(copy.deepcopy(pairs), enc, dec, ckpt=False)
         out["plain compile"] = cast(nn.Module, torch.compile(plain))
     if workload in ("tiny", "small"):
@@ -90,8 +97,8 @@ def forward(model: nn.Module, x: Any) -> None:
         model(x)
 
 
-def run(workload: str, depth: int, repeats: int, compile_: bool) -> None:
-    models, x = systems(workload, depth, compile_)
+def run(workload: str, depth: int, repeats: int, compile_: bool, groups: list[int]) -> None:
+    models, x = systems(workload, depth, compile_, groups)
     tasks: dict[tuple[str, str], Callable[[], object]] = {}
     for name, model in models.items():
         tasks[name, "step"] = lambda m=model: step(m, x)
@@ -103,8 +110,8 @@ def run(workload: str, depth: int, repeats: int, compile_: bool) -> None:
             start = time.perf_counter()
             step(model, x)
             took.append(time.perf_counter() - start)
-        if name.endswith("compile"):
-            compiling = took[name == "revtree compile"]
+        if "compile" in name:
+            compiling = took[name.startswith("revtree")]
             print(f"  {name}: the step that compiles took {compiling:.1f} s")
     # what exists now is out of the garbage collector's sight: the gc.collect() before every
     # timed run then takes no time, and evicts nothing from the caches (as in peers.py)
@@ -129,12 +136,14 @@ def run(workload: str, depth: int, repeats: int, compile_: bool) -> None:
     if "RevTorch" in models:
         ours, theirs = us["revtree", "step"] - plain, us["RevTorch", "step"] - plain
         print(f"  revtree excess / RevTorch excess: {ours / theirs:.2f}")
-    if "revtree compile" in models:
-        compiled = us["revtree compile", "step"]
-        print(
-            f"  revtree compile=True step: {compiled / plain:.2f}x plain eager, "
-            f"{compiled / us['plain compile', 'step']:.2f}x torch.compile of plain"
-        )
+    for name in models:
+        if name.startswith("revtree compile"):
+            compiled = us[name, "step"]
+            label = name.split("=")[1] if "=" in name else "True"
+            print(
+                f"  revtree compile={label} step: {compiled / plain:.2f}x plain eager, "
+                f"{compiled / us['plain compile', 'step']:.2f}x torch.compile of plain"
+            )
 
 
 def main() -> None:
@@ -143,6 +152,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--compile", action="store_true", help="also the compiled engine")
+    parser.add_argument(
+        "--groups",
+        nargs="*",
+        type=int,
+        default=[8],
+        help="with --compile, revtree compile=N for each N (blocks as one graph)",
+    )
     parser.add_argument(
         "--workloads", nargs="+", default=["tiny", "small", "leaves", "nested"], help="which to run"
     )
@@ -159,7 +175,7 @@ def main() -> None:
     for workload in args.workloads:
         depth = 32 if workload == "tiny" else 16
         print(f"\n{workload}, depth {depth}")
-        run(workload, depth, repeats, args.compile)
+        run(workload, depth, repeats, args.compile, args.groups)
 
 
 if __name__ == "__main__":

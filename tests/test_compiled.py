@@ -11,6 +11,7 @@ import optree
 import pytest
 import torch
 from helpers import assert_trees_close, reference
+from helpers import t as x_
 from torch import nn
 
 import revtree
@@ -47,14 +48,15 @@ def _compiled_blocks(seq):
     return seq._compiled_engine.ran  # the blocks whose last forward ran compiled
 
 
-@pytest.mark.parametrize("codec", ["split", "duplicate"])
-def test_compiled_gradients_equal_plain_autograd(codec):
+@pytest.mark.parametrize(("codec", "compile"), [("split", True), ("duplicate", True), ("split", 3)])
+def test_compiled_gradients_equal_plain_autograd(codec, compile):
+    """``compile=3``: blocks 0-2 run as one graph, block 3 alone."""
     torch.manual_seed(0)
     width = 4 if codec == "split" else 8
     blocks = [(Mix(width), Mix(width)) for _ in range(4)]
     ref = copy.deepcopy(blocks)
     codecs = {"split": Split(-1), "duplicate": Duplicate()}
-    seq = revtree.ReversibleSequence(blocks, codec=codecs[codec], route="both", compile=True)
+    seq = revtree.ReversibleSequence(blocks, codec=codecs[codec], route="both", compile=compile)
     ctx = torch.randn(3, dtype=D, requires_grad=True)
     graphs = []
     for step in range(4):  # the first runs eagerly, checked; the others compiled
@@ -75,9 +77,11 @@ def test_compiled_gradients_equal_plain_autograd(codec):
         assert_trees_close(got, expected, what=f"step {step}")
     assert _compiled_blocks(seq) == {0, 1, 2, 3}
     # a forward and a reverse graph serve every block (two of each where the first
-    # block's input streams are views); nothing compiles after the second step
-    assert graphs[1] == graphs[0] and graphs[2] - graphs[1] <= 4 and graphs[3] == graphs[2]
-    assert _graphs() == graphs[3]
+    # block's input streams are views), per group size; nothing compiles after the
+    # second step
+    sizes = 1 if compile is True else 2
+    assert graphs[1] == graphs[0] and graphs[2] - graphs[1] <= 4 * sizes
+    assert graphs[3] == graphs[2] and _graphs() == graphs[3]
 
 
 def _graphs():
@@ -194,14 +198,15 @@ def test_a_gradient_that_is_none_keeps_the_block_eager():
             assert [g is None for g in grads[2:]] == [False, False, True, True] * 2
 
 
-def test_parameter_hooks_fire_once_on_the_compiled_engine():
+@pytest.mark.parametrize("compile", [True, 2])
+def test_parameter_hooks_fire_once_on_the_compiled_engine(compile):
     torch.manual_seed(3)
     blocks = [(nn.Linear(4, 4, dtype=D), nn.Linear(4, 4, dtype=D)) for _ in range(2)]
     ref = copy.deepcopy(blocks)
     fired = []
     blocks[0][0].weight.register_hook(lambda grad: fired.append(1) or grad * 2)
     ref[0][0].weight.register_hook(lambda grad: grad * 2)
-    seq = revtree.ReversibleSequence(blocks, compile=True)
+    seq = revtree.ReversibleSequence(blocks, compile=compile)
     for _ in range(3):
         x = torch.randn(3, 8, dtype=D, requires_grad=True)
         got = _grads(seq, x, {}, [x, *seq.parameters()])
@@ -243,3 +248,126 @@ def test_torch_compile_of_a_model_that_holds_a_sequence():
         got = torch.autograd.grad(compiled(x), list(model.parameters()))
         expected = torch.autograd.grad(plain(x), list(plain.parameters()))
         assert_trees_close(list(got), list(expected))
+
+
+# ------------------------------------------------------------------ blocks as one graph
+
+
+class Moded(nn.Module):
+    """A map whose arithmetic depends on the training flag (no random numbers, no buffers)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(3, 3, dtype=D)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)) * (2.0 if self.training else 0.5)
+
+
+def _plain_pairs(blocks, x):
+    x1, x2 = x.chunk(2, -1)
+    for f, g in blocks:
+        x1 = x1 + f(x2)
+        x2 = x2 + g(x1)
+    return torch.cat((x1, x2), -1)
+
+
+def _weights(y):
+    return (y * y.detach().cos()).sum()
+
+
+def _params(blocks):
+    return [p for pair in blocks for fn in pair for p in fn.parameters()]
+
+
+@pytest.mark.parametrize("compile", [True, 3])
+def test_modes_switched_between_forward_and_backward_replay_the_forward(compile):
+    """``seq.eval()`` after the forward: the recomputation still runs in training mode."""
+    blocks = [(Moded(i), Moded(10 + i)) for i in range(3)]
+    ref = copy.deepcopy(blocks)
+    seq = revtree.ReversibleSequence(blocks, compile=compile)
+    for step in range(3):
+        seq.train()
+        x = x_(4, 6, seed=step)
+        y = seq(x)
+        seq.eval()
+        got = torch.autograd.grad(_weights(y), [x, *_params(blocks)])
+        expected = torch.autograd.grad(_weights(_plain_pairs(ref, x)), [x, *_params(ref)])
+        assert_trees_close(list(got), list(expected), what=f"step {step}")
+    assert _compiled_blocks(seq) == {0, 1, 2}
+
+
+def test_a_group_backward_twice_with_retain_graph():
+    blocks = [(Moded(i), Moded(10 + i)) for i in range(4)]
+    ref = copy.deepcopy(blocks)
+    seq = revtree.ReversibleSequence(blocks, compile=4)
+    for step in range(3):
+        x = x_(2, 6, seed=step)
+        loss = _weights(seq(x))
+        first = torch.autograd.grad(loss, [x, *_params(blocks)], retain_graph=True)
+        second = torch.autograd.grad(loss, [x, *_params(blocks)])
+        expected = torch.autograd.grad(_weights(_plain_pairs(ref, x)), [x, *_params(ref)])
+        assert_trees_close(list(first), list(expected))
+        assert_trees_close(list(second), list(expected))
+    assert _compiled_blocks(seq) == {0, 1, 2, 3}
+
+
+def test_grouped_blocks_with_an_optimizer_in_backward_get_gradients_block_by_block():
+    """Post-accumulate-grad hooks end a node at each block: no group spans two blocks then."""
+    depth = 4
+    blocks = [(Moded(i), Moded(10 + i)) for i in range(depth)]
+    ref = copy.deepcopy(blocks)
+    events: list = []
+    for i, (f, g) in enumerate(blocks):
+        for p in [*f.parameters(), *g.parameters()]:
+            p.register_post_accumulate_grad_hook(lambda p, i=i: events.append(i))
+    seq = revtree.ReversibleSequence(blocks, compile=3)
+    for step in range(3):
+        events.clear()
+        x = x_(2, 6, seed=step)
+        xr = x.detach().clone().requires_grad_()
+        for p in _params(blocks):
+            p.grad = None
+        _weights(seq(x)).backward()
+        expected = torch.autograd.grad(_weights(_plain_pairs(ref, xr)), [xr, *_params(ref)])
+        assert_trees_close([x.grad, *(p.grad for p in _params(blocks))], list(expected))
+        assert events == sorted(events, reverse=True) and len(events) == depth * 4
+    assert _compiled_blocks(seq) == set(range(depth))
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "yes"])
+def test_compile_is_a_bool_or_a_number_of_blocks(value):
+    with pytest.raises(revtree.RevtreeError, match="not a bool or a number of blocks"):
+        revtree.ReversibleSequence([(nn.Linear(2, 2), nn.Linear(2, 2))], compile=value)
+
+
+@pytest.mark.parametrize("failing", [0, 1], ids=["forward", "reverse"])
+def test_a_group_whose_graph_fails_runs_block_by_block(monkeypatch, failing):
+    """Whatever a group's graph cannot do, its blocks do one by one, exactly."""
+    from revtree._engine import _compiled
+
+    build = _compiled._build
+
+    def failing_build(key, size):
+        functions = list(build(key, size))
+        if size > 1:
+
+            def fail(*args, **kwargs):
+                raise RuntimeError("no graph for this group")
+
+            functions[failing] = fail
+        return tuple(functions)
+
+    monkeypatch.setattr(_compiled, "_build", failing_build)
+    monkeypatch.setattr(_compiled, "_FUNCTIONS", {})
+    blocks = [(Moded(i), Moded(10 + i)) for i in range(3)]
+    ref = copy.deepcopy(blocks)
+    seq = revtree.ReversibleSequence(blocks, compile=3)
+    for step in range(3):
+        x = x_(2, 6, seed=step)
+        got = torch.autograd.grad(_weights(seq(x)), [x, *_params(blocks)])
+        expected = torch.autograd.grad(_weights(_plain_pairs(ref, x)), [x, *_params(ref)])
+        assert_trees_close(list(got), list(expected), what=f"step {step}")
+    assert _compiled_blocks(seq) == {0, 1, 2}  # each block's own graph
+    assert seq._compiled_engine._broken  # the group's graph is not tried again

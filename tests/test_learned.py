@@ -202,9 +202,11 @@ def _compiled_step(seq, blocks, x, seed):
     assert_trees_close(list(got), list(expected))
 
 
-def test_compiled_dropout_switched_on_after_the_block_was_trusted():
+@pytest.mark.parametrize("compile", [True, 2])
+def test_compiled_dropout_switched_on_after_the_block_was_trusted(compile):
+    """``compile=2``: the two blocks run as one graph until block 0 draws."""
     blocks = [(_dropout_mlp(0.0, i), _dropout_mlp(0.0, 10 + i)) for i in range(2)]
-    seq = revtree.ReversibleSequence(blocks, compile=True)
+    seq = revtree.ReversibleSequence(blocks, compile=compile)
     x = x_(4, 6)
     for step in range(3):  # eager, then compiled and trusted
         _compiled_step(seq, blocks, x, step)
@@ -353,9 +355,10 @@ def test_a_transformer_encoder_in_eval_with_a_padding_mask(mode):
         assert_trees_close(got, expected)
 
 
-def test_compiled_hooks_registered_after_the_block_was_compiled():
+@pytest.mark.parametrize("compile", [True, 2])
+def test_compiled_hooks_registered_after_the_block_was_compiled(compile):
     blocks = [(_dropout_mlp(0.0, i), _dropout_mlp(0.0, 10 + i)) for i in range(2)]
-    seq = revtree.ReversibleSequence(blocks, compile=True)
+    seq = revtree.ReversibleSequence(blocks, compile=compile)
     x = x_(4, 6)
     for step in range(3):
         _compiled_step(seq, blocks, x, step)

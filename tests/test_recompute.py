@@ -729,6 +729,7 @@ NON_TENSOR_KWARGS = [
 ENGINES = {
     "eager": {},
     "compiled": {"compile": True},
+    "grouped": {"compile": 2},  # blocks 0 and 1 as one graph
     "budget": {"memory_budget": 100},
     "mixed": {"reversible": [True, False, True]},
 }

@@ -25,6 +25,16 @@ where its ``f`` or ``g``
 
 The recompute is exact as the eager one is: the same arithmetic on the same parameters, the
 forward's autocast state around the recomputed calls only.
+
+**Blocks as one graph** (``compile=n``): consecutive trusted blocks that would share one
+graph (same structure, layout and keywords) wait in the call's pending group and run as
+one graph of up to ``n`` blocks, forward and in reverse: one dynamo call (its wrapper and
+guards) for ``n`` blocks. A group runs within one node (a block whose parameters carry
+post-accumulate-grad hooks ends a node, so its gradients still leave block by block) and
+not under ``check_drift`` (which samples every block's input). Whatever a group cannot do
+its blocks do one by one, each judged as above: a group whose forward draws random
+numbers, a graph that fails, a reverse with hooks watching, an output that reaches
+nothing, or a module whose training flag changed since the forward.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from __future__ import annotations
 import types
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -55,12 +66,14 @@ _EAGER_FIRST = "not yet seen on the eager engine"
 class Compiled:
     """The compiled engine of one sequence (see the module's docstring)."""
 
-    __slots__ = ("_signatures", "_warned", "learned", "ran")
+    __slots__ = ("_broken", "_signatures", "_warned", "learned", "ran", "size")
 
-    def __init__(self, learned: Any) -> None:
+    def __init__(self, learned: Any, size: int = 1) -> None:
         self.learned = learned
+        self.size = size  # blocks of one structure run as one graph, at most
         self._signatures: dict[tuple[Any, ...], int] = {}
         self._warned: set[tuple[int, str]] = set()
+        self._broken: set[tuple[Any, int]] = set()  # groups whose graph failed: per block
         self.ran: set[int] = set()  # the blocks that ran compiled in the last call
 
     # ----------------------------------------------------------------- which blocks
@@ -116,14 +129,22 @@ class Compiled:
     # ------------------------------------------------------------------------ forward
 
     def forward(self, run: BlockRun, call: Call, state: list[Leaves], eager: Any) -> None:
-        """Block ``run`` forward: compiled if trusted, else ``eager(run, call, state)``, judged."""
+        """Block ``run`` forward: compiled if trusted, else ``eager(run, call, state)``, judged.
+
+        With ``size`` above one, a trusted block joins the blocks of its structure before
+        it, to run with them as one graph when the group is full or ``flush`` is called
+        (before any other block runs, and at the end of a node's run).
+        """
         key = self._key(run, x_signature(state))
         verdict = self._verdict(key)
         if verdict is None and run.hooks + _torch.has_global_module_hooks():
             self._judge(run, key, _HOOKS)  # hooks registered since it was judged
             verdict = _HOOKS
+        if verdict is None and self.size > 1 and run.sample is None:
+            self._defer(run, call, state, key, eager)
+            return
+        self.flush(call, state)
         if verdict is None and self._run_forward(run, call, state, key):
-            self.ran.add(run.index)
             return
         generators = call.generators
         before = generators.capture() if generators is not None else ()
@@ -131,25 +152,34 @@ class Compiled:
         if verdict is _EAGER_FIRST:
             self._judge(run, key, _forward_verdict(run, call, before))
 
-    def _run_forward(
-        self, run: BlockRun, call: Call, state: list[Leaves], key: tuple[Any, ...]
-    ) -> bool:
+    @staticmethod
+    def _records(run: BlockRun) -> list[Record]:
+        """Records of the block's compiled calls: its parameters (made sources) and modes."""
         tape = run.tape
-        walks = run.walks
         records = []
-        for walk in walks:
+        for walk in run.walks:
             record = Record()
             record.params = [slots[name] for slots, name in walk.slots]
             record.modes = modes_of(walk.modules)
             tape.add_sources(record)
             records.append(record)
-        pf, pg = (_params(w, r) for w, r in zip(walks, records))
+        return records
+
+    def _run_forward(
+        self,
+        run: BlockRun,
+        call: Call,
+        state: list[Leaves],
+        key: tuple[Any, ...],
+        records: list[Record] | None = None,
+    ) -> bool:
+        records = records or self._records(run)
         kt, kother = _keywords(run, call.kwargs(True)[1])
         generators = call.generators
         before = generators.capture() if generators is not None else None
         try:
-            forward, _ = self._functions_for(run, key)
-            y1, y2 = forward(run.fns[0], run.fns[1], pf, pg, state[0], state[1], kt, kother)
+            forward = self._functions(self._lookup_for(run, key), 1)[0]
+            y1, y2 = forward([run.fns[0]], [run.fns[1]], *state, kt, kother)
         except Exception as e:  # dynamo could not trace it whole: eager from now on
             self._judge(run, key, _untraceable(e))
             return False
@@ -161,10 +191,62 @@ class Compiled:
                 generators.set(before)
                 self._judge(run, key, _DRAWS)
                 return False
-        for j, record in enumerate(records):
-            run.records[j].append(record)
+        _ran(run, records)
+        self.ran.add(run.index)
         state[0], state[1] = y1, y2
-        run.compiled = True
+        return True
+
+    # ------------------------------------------------------------------------ groups
+
+    def _defer(
+        self, run: BlockRun, call: Call, state: list[Leaves], key: tuple[Any, ...], eager: Any
+    ) -> None:
+        """Add a trusted block to the call's pending group (run first, if it cannot join)."""
+        lookup = self._lookup_for(run, key)
+        group = call.pending
+        if group is not None and (group.lookup is not lookup or len(group.runs) == self.size):
+            self.flush(call, state)
+            group = None
+        if group is None:
+            group = call.pending = _Pending(lookup, eager)
+        group.runs.append(run)
+        group.keys.append(key)
+        group.records.append(self._records(run))  # its sources known before it runs
+
+    def flush(self, call: Call, state: list[Leaves]) -> None:
+        """Run the call's pending group: one graph, or block by block if that fails."""
+        group = call.pending
+        if group is None:
+            return
+        call.pending = None
+        n = len(group.runs)
+        if n > 1 and (group.lookup, n) not in self._broken and self._run_group(group, call, state):
+            return
+        for run, key, records in zip(group.runs, group.keys, group.records):
+            if not self._run_forward(run, call, state, key, records):
+                group.eager(run, call, state)
+
+    def _run_group(self, group: _Pending, call: Call, state: list[Leaves]) -> bool:
+        runs = group.runs
+        kt, kother = _keywords(runs[0], call.kwargs(True)[1])
+        fs, gs = [r.fns[0] for r in runs], [r.fns[1] for r in runs]
+        generators = call.generators
+        before = generators.capture() if generators is not None else None
+        try:
+            forward = self._functions(group.lookup, len(runs))[0]
+            y1, y2 = forward(fs, gs, *state, kt, kother)
+        except Exception:  # block by block from now on, each judged on its own
+            self._broken.add((group.lookup, len(runs)))
+            return False
+        if generators is not None and before is not None and not same(before, generators.capture()):
+            generators.set(before)  # one of them draws now: block by block finds which
+            return False
+        mark = (group.lookup, len(runs))  # one object: the reverse finds the group by it
+        for run, records in zip(runs, group.records):
+            _ran(run, records)
+            run.group = mark
+            self.ran.add(run.index)
+        state[0], state[1] = y1, y2
         return True
 
     # ------------------------------------------------------------------------ reverse
@@ -176,8 +258,24 @@ class Compiled:
         state: list[Leaves],
         dstate: list[list[Any]],
         eager: Any,
-    ) -> None:
-        """Block ``run`` in reverse: compiled if its forward ran so, else ``eager``, judged."""
+        before: Sequence[BlockRun] = (),
+    ) -> int:
+        """Block ``run`` in reverse: compiled if its forward ran so, else ``eager``, judged.
+
+        ``before`` are the node's blocks before it. Where ``run`` ends a group that ran as
+        one graph, the group is reversed as one; returns how many of ``before`` were
+        reversed with it.
+        """
+        group = run.group
+        if group is not None:
+            n = group[1]
+            runs = [*before[len(before) - n + 1 :], run]
+            if (
+                len(runs) == n
+                and all(r.group is group for r in runs)
+                and self._run_group_reverse(runs, back, state, dstate)
+            ):
+                return n - 1
         replayable, flipped = True, []
         if not _modes_as_found(run):  # the common case: nothing to set
             modules, modes = _forward_modes(run)
@@ -187,7 +285,7 @@ class Compiled:
             key = self._key(run, x_signature(state))
             if run.compiled and replayable:
                 if self._run_reverse(run, back, state, dstate, key):
-                    return
+                    return 0
         finally:
             restore_modes(flipped)
         eager(run, back, state, dstate)
@@ -203,6 +301,7 @@ class Compiled:
                     "a gradient it passes on is None (an output or a parameter that does "
                     "not reach the loss)",
                 )
+        return 0
 
     def _run_reverse(
         self,
@@ -214,36 +313,55 @@ class Compiled:
     ) -> bool:
         if back.accumulate or any(g is None for part in dstate for g in part):
             return False  # hooks watch the recomputation, or an output reaches nothing: eager
-        handles = back.handles
-        pf, pg = (_handles(w, run.records[j][0], handles) for j, w in enumerate(run.walks))
-        kt, kother = _keywords(run, back.keywords)
         try:
-            _, reverse = self._functions_for(run, key)
-            y1, y2 = [t.detach() for t in state[0]], [t.detach() for t in state[1]]
-            out = reverse(run.fns[0], run.fns[1], *pf, *pg, y1, y2, *dstate, kt, kother)
+            reverse = self._functions(self._lookup_for(run, key), 1)[1]
+            _reverse_with(reverse, [run], back, state, dstate)
         except Exception as e:
             self._judge(run, key, _untraceable(e))
             return False
-        x1, x2, dx1, dx2, dpf, dpg, dkt = out
-        for j, grads in enumerate((dpf, dpg)):
-            found = zip(run.records[j][0].positions, run.walks[j].names)
-            wanted = [(p, name) for p, name in found if p >= 0]
-            back.add([p for p, _ in wanted], [grads[name] for _, name in wanted])
-        back.add_keywords(back.kw_wanted, dkt)
-        state[0], state[1] = list(x1), list(x2)
-        dstate[0], dstate[1] = list(dx1), list(dx2)
+        return True
+
+    def _run_group_reverse(
+        self,
+        runs: list[BlockRun],
+        back: Backward,
+        state: list[Leaves],
+        dstate: list[list[Any]],
+    ) -> bool:
+        """The blocks of a group in reverse as one graph, where everything allows it."""
+        if back.accumulate or any(g is None for part in dstate for g in part):
+            return False
+        if not all(map(_modes_as_found, runs)):
+            return False  # per block: each sets the modes its forward found
+        lookup, n = runs[-1].group
+        try:
+            _reverse_with(self._functions(lookup, n)[1], runs, back, state, dstate)
+        except Exception:
+            self._broken.add((lookup, n))
+            return False
         return True
 
     # ---------------------------------------------------------------------- functions
 
-    def _functions_for(self, run: BlockRun, key: tuple[Any, ...]) -> tuple[Any, Any]:
-        """The block's compiled forward and reverse, looked up once per ``key``."""
+    def _lookup_for(self, run: BlockRun, key: tuple[Any, ...]) -> tuple[Any, ...]:
+        """What selects the block's compiled functions, found once per ``key``.
+
+        One object per value: blocks that may run in one graph share it.
+        """
         found = self.learned.functions.get(key)
         if found is None:
             found = self.learned.functions[key] = self._lookup(run)
         return found
 
-    def _lookup(self, run: BlockRun) -> tuple[Any, Any]:
+    @staticmethod
+    def _functions(lookup: tuple[Any, ...], size: int) -> tuple[Any, Any]:
+        """The compiled forward and reverse of ``size`` blocks selected by ``lookup``."""
+        functions = _FUNCTIONS.get((lookup[0], size))
+        if functions is None:
+            functions = _FUNCTIONS[(lookup[0], size)] = _build(lookup[1], size)
+        return functions
+
+    def _lookup(self, run: BlockRun) -> tuple[Any, ...]:
         shared = run.shared
         context = shared.context
         spec_f, spec_g = run.program
@@ -267,19 +385,74 @@ class Compiled:
         # each block structure gets functions (code objects) of its own: dynamo counts
         # recompilations per code object, and many sequences may share one layout
         structure = (run.walks[0].structure, run.walks[1].structure)
-        lookup = (_value(coupling), structure, *rest)
-        functions = _FUNCTIONS.get(lookup)
-        if functions is None:
-            functions = _FUNCTIONS[lookup] = _build((coupling, *rest))
-        return functions
+        value = (_value(coupling), structure, *rest)
+        lookup = _LOOKUPS.get(value)
+        if lookup is None:
+            lookup = _LOOKUPS[value] = (value, (coupling, *rest))
+        return lookup
 
 
 _DRAWS = "it draws random numbers (dropout)"
 _HOOKS = "it has hooks of its own"
 
-# the compiled functions of every sequence, by coupling, layout and keyword structure: two
-# sequences of one layout (or one rebuilt, copied or loaded) share them, and their graphs
+# the compiled functions of every sequence, by coupling, layout and keyword structure (and
+# how many blocks they run): two sequences of one layout (or one rebuilt, copied or loaded)
+# share them, and their graphs
 _FUNCTIONS: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+# what selects them, one object per value (blocks that share it may run as one graph):
+# (the value, what the functions are built from)
+_LOOKUPS: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+
+class _Pending:
+    """Trusted blocks of one structure, one after another, to run as one graph."""
+
+    __slots__ = ("eager", "keys", "lookup", "records", "runs")
+
+    def __init__(self, lookup: tuple[Any, ...], eager: Any) -> None:
+        self.lookup, self.eager = lookup, eager
+        self.runs: list[BlockRun] = []
+        self.keys: list[tuple[Any, ...]] = []
+        self.records: list[list[Record]] = []
+
+
+def _ran(run: BlockRun, records: list[Record]) -> None:
+    """Note the block's compiled forward calls."""
+    for j, record in enumerate(records):
+        run.records[j].append(record)
+    run.compiled = True
+
+
+def _reverse_with(
+    reverse: Any,
+    runs: list[BlockRun],
+    back: Backward,
+    state: list[Leaves],
+    dstate: list[list[Any]],
+) -> None:
+    """``runs`` (one block, or a group) in reverse through ``reverse``; gradients to ``back``."""
+    handles = back.handles
+    pfs, ffs, pgs, fgs = [], [], [], []
+    for run in runs:
+        pf, ff = _handles(run.walks[0], run.records[0][0], handles)
+        pg, fg = _handles(run.walks[1], run.records[1][0], handles)
+        pfs.append(pf)
+        ffs.append(ff)
+        pgs.append(pg)
+        fgs.append(fg)
+    kt, kother = _keywords(runs[0], back.keywords)
+    fs, gs = [r.fns[0] for r in runs], [r.fns[1] for r in runs]
+    y1, y2 = [t.detach() for t in state[0]], [t.detach() for t in state[1]]
+    out = reverse(fs, gs, pfs, ffs, pgs, fgs, y1, y2, *dstate, kt, kother)
+    x1, x2, dx1, dx2, dpfs, dpgs, dkt = out
+    for run, dpf, dpg in zip(runs, dpfs, dpgs):
+        for j, grads in enumerate((dpf, dpg)):
+            found = zip(run.records[j][0].positions, run.walks[j].names)
+            wanted = [(p, name) for p, name in found if p >= 0]
+            back.add([p for p, _ in wanted], [grads[name] for _, name in wanted])
+    back.add_keywords(back.kw_wanted, dkt)
+    state[0], state[1] = list(x1), list(x2)
+    dstate[0], dstate[1] = list(dx1), list(dx2)
 
 
 def x_signature(state: list[Leaves]) -> tuple[Any, ...]:
@@ -327,10 +500,6 @@ def _untraceable(error: Exception) -> str:
 
 
 # ------------------------------------------------------------------------ tensors in
-
-
-def _params(walk: Any, record: Record) -> dict[str, torch.Tensor]:
-    return dict(zip(walk.names, record.params))
 
 
 def _handles(
@@ -384,8 +553,11 @@ def _keywords(run: BlockRun, tensors: Leaves) -> tuple[Leaves, list[Any]]:
 # ---------------------------------------------------------------------- the functions
 
 
-def _build(key: tuple[Any, ...]) -> tuple[Any, Any]:
-    """The compiled forward and reverse of a block, for one layout and keyword structure."""
+def _build(key: tuple[Any, ...], size: int) -> tuple[Any, Any]:
+    """The compiled forward and reverse of ``size`` blocks, for one layout and keyword structure.
+
+    They take lists of ``size`` functions and parameter dicts (one block: lists of one).
+    """
     (
         coupling,
         additive,
@@ -434,13 +606,14 @@ def _build(key: tuple[Any, ...]) -> tuple[Any, Any]:
         n = len(y)
         return [coupling.uncombine(b, *u[i::n]) for i, b in enumerate(y)]
 
-    def forward(f, g, pf, pg, x1, x2, kt, kother):
+    def forward(fs, gs, x1, x2, kt, kother):
+        # the modules' own parameters: those the forward reads (no gradient is taken)
         kw_f = kwargs(kt, kother, names_f) if pass_f else {}
-        fu = leaves_of(functional_call(f, pf, (tree(x2),), kw_f))
-        y1 = combine(x1, fu)
         kw_g = kwargs(kt, kother, names_g) if pass_g else {}
-        gu = leaves_of(functional_call(g, pg, (tree(y1),), kw_g))
-        return y1, combine(x2, gu)
+        for i in range(size):
+            x1 = combine(x1, leaves_of(fs[i](tree(x2), **kw_f)))
+            x2 = combine(x2, leaves_of(gs[i](tree(x1), **kw_g)))
+        return x1, x2
 
     def half(fn, wanted_p, fixed_p, x_in, y_self, dy_self, kt, kother, routed, names, passed):
         """One function of the block in reverse: rebuild its stream, back-propagate."""
@@ -467,16 +640,24 @@ def _build(key: tuple[Any, ...]) -> tuple[Any, Any]:
         dp, dx_in, dks = pull(du)
         return x_self, dx_self, dx_in, dp, dks
 
-    def reverse(f, g, pf, ff, pg, fg, y1, y2, dy1, dy2, kt, kother):
-        x2, dx2, dx1_g, dpg, dk_g = half(g, pg, fg, y1, y2, dy2, kt, kother, to_g, names_g, pass_g)
-        dx1 = [a + b for a, b in zip(dy1, dx1_g)]
-        x1, dx1, dx2_f, dpf, dk_f = half(f, pf, ff, x2, y1, dx1, kt, kother, to_f, names_f, pass_f)
-        dx2 = [a + b for a, b in zip(dx2, dx2_f)]
-        dk = []
-        for n, i in enumerate(wanted):  # None where neither f nor g receives the keyword
-            found = [d[n] for d, recv in ((dk_f, recv_f), (dk_g, recv_g)) if d and i in recv]
-            dk.append(found[0] + found[1] if len(found) == 2 else found[0] if found else None)
-        return x1, x2, dx1, dx2, dpf, dpg, dk
+    def reverse(fs, gs, pfs, ffs, pgs, fgs, y1, y2, dy1, dy2, kt, kother):
+        dpfs = [None] * size
+        dpgs = [None] * size
+        dk = [None] * len(wanted)
+        for i in reversed(range(size)):
+            y2, dy2, dx1_g, dpgs[i], dk_g = half(
+                gs[i], pgs[i], fgs[i], y1, y2, dy2, kt, kother, to_g, names_g, pass_g
+            )
+            dy1 = [a + b for a, b in zip(dy1, dx1_g)]
+            y1, dy1, dx2_f, dpfs[i], dk_f = half(
+                fs[i], pfs[i], ffs[i], y2, y1, dy1, kt, kother, to_f, names_f, pass_f
+            )
+            dy2 = [a + b for a, b in zip(dy2, dx2_f)]
+            for n, k in enumerate(wanted):  # None where neither f nor g receives the keyword
+                for d, recv in ((dk_f, recv_f), (dk_g, recv_g)):
+                    if d and k in recv:
+                        dk[n] = d[n] if dk[n] is None else dk[n] + d[n]
+        return y1, y2, dy1, dy2, dpfs, dpgs, dk
 
     compile_ = torch.compile(fullgraph=True, dynamic=False)
     return compile_(_own_code(forward)), compile_(_own_code(reverse))

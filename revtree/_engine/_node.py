@@ -281,7 +281,11 @@ class Tape:
         settings = shared.settings
         warned = False
         side_at = len(dsides)
-        for run, specs in zip(reversed(self.runs), reversed(self.side_specs)):
+        runs = self.runs
+        at = len(runs)
+        while at:
+            at -= 1
+            run, specs = runs[at], self.side_specs[at]
             count = sum(s for s in specs if s)
             mine = dsides[side_at - count : side_at]
             side_at -= count
@@ -289,7 +293,10 @@ class Tape:
             if run.unit:
                 _reverse_unit(run, back, state, dstate, mine, specs)
             elif compiled is not None and compiled.takes(run):
-                compiled.reverse(run, back, state, dstate, partial(_eager, mine, specs))
+                # (blocks run as one graph with it, before it, are reversed with it)
+                at -= compiled.reverse(
+                    run, back, state, dstate, partial(_eager, mine, specs), runs[:at]
+                )
             else:
                 reverse_block(run, back, state, dstate, mine, specs)
             if run.sample is not None and not warned:

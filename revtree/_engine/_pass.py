@@ -114,12 +114,16 @@ def forward_nodes(
                     compiled.forward(run, call, state, forward_block)
                     block_sides.append([None, None])
                 else:
+                    if compiled is not None:
+                        compiled.flush(call, state)  # the blocks before it first
                     block_sides.append(forward_block(run, call, state))
                 tape.runs.append(run)
                 fresh = tape.sources[checked:]
                 checked = len(tape.sources)
                 if fresh and _torch.any_post_accumulate_hooks(fresh):
                     break
+            if settings.compiled is not None:
+                settings.compiled.flush(call, state)  # a node's blocks run within it
         for run in tape.runs:
             run.tape = None  # recorded: no cycle keeps the tape alive past its graph
         inputs = [t for part in before for t in part]

@@ -92,6 +92,7 @@ class Call:
         "_views",
         "as_recomputed",
         "generators",
+        "pending",
         "policy",
         "shared",
         "tracker",
@@ -105,6 +106,7 @@ class Call:
         self.generators: Generators | None = None
         self._kwargs: dict[bool, tuple[dict[str, Any], Leaves]] = {}
         self._views: dict[tuple[bool, Normal], View] = {}
+        self.pending: Any = None  # blocks the compiled engine runs together, not yet run
         # parametrized tensors computed from their originals in every recorded call, even
         # under parametrize.cached() (a cached value from a no_grad call carries no graph)
         self.uncached: Any = (
@@ -197,6 +199,7 @@ class BlockRun:
         "block",
         "compiled",
         "fns",
+        "group",
         "hooks",
         "index",
         "managed",
@@ -231,6 +234,7 @@ class BlockRun:
             self.records = [[] for _ in self.fns]
         self.sample: Any = None
         self.compiled = False  # whether its forward ran compiled (see _compiled)
+        self.group: Any = None  # the compiled engine's mark: run in one graph with others
         self.hooks = 0  # how many hooks its modules carried in the forward (for backward)
 
     def hooks_now(self) -> int:
