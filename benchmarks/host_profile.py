@@ -12,6 +12,7 @@ inflates Python calls more than C++ ones: read the shares, not the absolute time
 Usage:
     python benchmarks/host_profile.py                 # plain, revtree, revtree compile=True
     python benchmarks/host_profile.py --top 25
+    python benchmarks/host_profile.py --systems "revtree compile=8"
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def build(system: str) -> nn.Module:
         return Plain(pairs, split, cat, ckpt=False)
     if system == "plain compile":
         return torch.compile(Plain(pairs, split, cat, ckpt=False))  # type: ignore[return-value]
+    if system.startswith("revtree compile="):  # blocks as one graph: "revtree compile=8"
+        return revtree.ReversibleSequence(pairs, compile=int(system.split("=")[1]))
     return revtree.ReversibleSequence(pairs, compile=system == "revtree compile")
 
 

@@ -360,7 +360,7 @@ def test_a_group_whose_graph_fails_runs_block_by_block(monkeypatch, failing):
         return tuple(functions)
 
     monkeypatch.setattr(_compiled, "_build", failing_build)
-    monkeypatch.setattr(_compiled, "_FUNCTIONS", {})
+    monkeypatch.setattr(_compiled, "_LOOKUPS", {})  # functions built afresh
     blocks = [(Moded(i), Moded(10 + i)) for i in range(3)]
     ref = copy.deepcopy(blocks)
     seq = revtree.ReversibleSequence(blocks, compile=3)

@@ -73,7 +73,7 @@ class Compiled:
         self.size = size  # blocks of one structure run as one graph, at most
         self._signatures: dict[tuple[Any, ...], int] = {}
         self._warned: set[tuple[int, str]] = set()
-        self._broken: set[tuple[Any, int]] = set()  # groups whose graph failed: per block
+        self._broken: set[tuple[_Lookup, int]] = set()  # groups whose graph failed
         self.ran: set[int] = set()  # the blocks that ran compiled in the last call
 
     # ----------------------------------------------------------------- which blocks
@@ -343,25 +343,22 @@ class Compiled:
 
     # ---------------------------------------------------------------------- functions
 
-    def _lookup_for(self, run: BlockRun, key: tuple[Any, ...]) -> tuple[Any, ...]:
-        """What selects the block's compiled functions, found once per ``key``.
-
-        One object per value: blocks that may run in one graph share it.
-        """
+    def _lookup_for(self, run: BlockRun, key: tuple[Any, ...]) -> _Lookup:
+        """What selects the block's compiled functions, found once per ``key``."""
         found = self.learned.functions.get(key)
         if found is None:
             found = self.learned.functions[key] = self._lookup(run)
         return found
 
     @staticmethod
-    def _functions(lookup: tuple[Any, ...], size: int) -> tuple[Any, Any]:
+    def _functions(lookup: _Lookup, size: int) -> tuple[Any, Any]:
         """The compiled forward and reverse of ``size`` blocks selected by ``lookup``."""
-        functions = _FUNCTIONS.get((lookup[0], size))
+        functions = lookup.functions.get(size)
         if functions is None:
-            functions = _FUNCTIONS[(lookup[0], size)] = _build(lookup[1], size)
+            functions = lookup.functions[size] = _build(lookup.build, size)
         return functions
 
-    def _lookup(self, run: BlockRun) -> tuple[Any, ...]:
+    def _lookup(self, run: BlockRun) -> _Lookup:
         shared = run.shared
         context = shared.context
         spec_f, spec_g = run.program
@@ -388,20 +385,31 @@ class Compiled:
         value = (_value(coupling), structure, *rest)
         lookup = _LOOKUPS.get(value)
         if lookup is None:
-            lookup = _LOOKUPS[value] = (value, (coupling, *rest))
+            lookup = _LOOKUPS[value] = _Lookup((coupling, *rest))
         return lookup
 
 
 _DRAWS = "it draws random numbers (dropout)"
 _HOOKS = "it has hooks of its own"
 
-# the compiled functions of every sequence, by coupling, layout and keyword structure (and
-# how many blocks they run): two sequences of one layout (or one rebuilt, copied or loaded)
-# share them, and their graphs
-_FUNCTIONS: dict[tuple[Any, ...], tuple[Any, Any]] = {}
-# what selects them, one object per value (blocks that share it may run as one graph):
-# (the value, what the functions are built from)
-_LOOKUPS: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+class _Lookup:
+    """One coupling, block structure, layout and keyword structure: its compiled functions.
+
+    One object per value (``_LOOKUPS``): blocks that share it may run as one graph, and it
+    is a key hashed by identity, whatever the size of the structure it stands for.
+    """
+
+    __slots__ = ("build", "functions")
+
+    def __init__(self, build: tuple[Any, ...]) -> None:
+        self.build = build  # what ``_build`` makes the functions from
+        self.functions: dict[int, tuple[Any, Any]] = {}  # by how many blocks they run
+
+
+# the compiled functions of every sequence, by coupling, layout and keyword structure: two
+# sequences of one layout (or one rebuilt, copied or loaded) share them, and their graphs
+_LOOKUPS: dict[tuple[Any, ...], _Lookup] = {}
 
 
 class _Pending:
@@ -409,7 +417,7 @@ class _Pending:
 
     __slots__ = ("eager", "keys", "lookup", "records", "runs")
 
-    def __init__(self, lookup: tuple[Any, ...], eager: Any) -> None:
+    def __init__(self, lookup: _Lookup, eager: Any) -> None:
         self.lookup, self.eager = lookup, eager
         self.runs: list[BlockRun] = []
         self.keys: list[tuple[Any, ...]] = []
