@@ -371,3 +371,57 @@ def test_a_group_whose_graph_fails_runs_block_by_block(monkeypatch, failing):
         assert_trees_close(list(got), list(expected), what=f"step {step}")
     assert _compiled_blocks(seq) == {0, 1, 2}  # each block's own graph
     assert seq._compiled_engine._broken  # the group's graph is not tried again
+
+
+class Unused(nn.Module):
+    """A map with a parameter its forward never reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4, dtype=D)
+        self.unused = nn.Parameter(torch.ones(4, dtype=D))
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("compile", [True, 2])
+def test_a_module_shared_by_blocks_is_trusted_only_after_a_reverse_saw_its_gradients(compile):
+    """Blocks sharing their modules share their verdict: the first block's forward alone
+    must not trust the others (whose compiled gradient would be zero where it is None)."""
+    torch.manual_seed(5)
+    m = Unused()
+    seq = revtree.ReversibleSequence([(m, m)] * 4, compile=compile)
+    with pytest.warns(revtree.RevtreeWarning, match="is None"):
+        for step in range(3):
+            x = x_(3, 8, seed=step)
+            grads = torch.autograd.grad(
+                seq(x).sum(), [x, m.unused, *m.lin.parameters()], allow_unused=True
+            )
+            assert grads[1] is None and all(g is not None for g in grads[2:])
+    m.unused.grad = None
+    seq(x_(3, 8)).sum().backward()
+    assert m.unused.grad is None and m.lin.weight.grad is not None
+
+
+class Ignores(nn.Module):
+    """A map taking a keyword argument it ignores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4, dtype=D)
+
+    def forward(self, x, mask=None):
+        return torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("compile", [True, 2])
+def test_a_keyword_tensor_received_but_unused_gets_none(compile):
+    torch.manual_seed(6)
+    seq = revtree.ReversibleSequence([(Ignores(), Ignores()) for _ in range(3)], compile=compile)
+    mask = torch.randn(4, dtype=D, requires_grad=True)
+    with pytest.warns(revtree.RevtreeWarning, match="is None"):
+        for step in range(3):
+            x = x_(3, 8, seed=step)
+            (got,) = torch.autograd.grad(seq(x, mask=mask).sum(), [mask], allow_unused=True)
+            assert got is None

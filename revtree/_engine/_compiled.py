@@ -61,6 +61,9 @@ from ._sink import Backward
 Leaves = list[torch.Tensor]
 Verdict = str | None  # why a block stays eager (None: it may run compiled)
 _EAGER_FIRST = "not yet seen on the eager engine"
+# its forward was: trusted once a reverse on the eager engine has seen every gradient flow
+# (blocks sharing their modules share the verdict: the first forward must not trust the rest)
+_REVERSE_FIRST = "not yet seen in reverse on the eager engine"
 
 
 class Compiled:
@@ -114,10 +117,18 @@ class Compiled:
     def _judge(self, run: BlockRun, key: tuple[Any, ...], verdict: Verdict) -> None:
         """Record whether the block may run compiled; warn once per block and reason."""
         known = self.learned.verdicts.get(key, _EAGER_FIRST)
-        if known is not _EAGER_FIRST and known is not None:
+        if known is not _EAGER_FIRST and known is not _REVERSE_FIRST and known is not None:
             return  # a reason to stay eager is kept
         self.learned.verdicts[key] = verdict
-        if verdict is not None and (run.index, verdict) not in self._warned:
+        if (
+            verdict is not None
+            and verdict is not _REVERSE_FIRST
+            and (
+                run.index,
+                verdict,
+            )
+            not in self._warned
+        ):
             self._warned.add((run.index, verdict))
             warnings.warn(
                 f"block {run.index} runs on the eager engine under compile=True: {verdict}. "
@@ -150,7 +161,7 @@ class Compiled:
         before = generators.capture() if generators is not None else ()
         eager(run, call, state)
         if verdict is _EAGER_FIRST:
-            self._judge(run, key, _forward_verdict(run, call, before))
+            self._judge(run, key, _forward_verdict(run, call, before) or _REVERSE_FIRST)
 
     @staticmethod
     def _records(run: BlockRun) -> list[Record]:
@@ -289,18 +300,10 @@ class Compiled:
         finally:
             restore_modes(flipped)
         eager(run, back, state, dstate)
-        if self._verdict(key) is None and not back.accumulate and not run.compiled:
+        verdict = self._verdict(key)
+        if (verdict is None or verdict is _REVERSE_FIRST) and not (back.accumulate or run.compiled):
             # the compiled gradient cannot say None: trusted only where every one flowed
-            used = [p for j in range(2) for p in run.used(j)]
-            missing = any(g is None for part in dstate for g in part)
-            missing = missing or any(back.totals[p] is None for p in used)
-            if missing:
-                self._judge(
-                    run,
-                    key,
-                    "a gradient it passes on is None (an output or a parameter that does "
-                    "not reach the loss)",
-                )
+            self._judge(run, key, _NONE if _none_flowed(run, back, dstate) else None)
         return 0
 
     def _run_reverse(
@@ -391,6 +394,28 @@ class Compiled:
 
 _DRAWS = "it draws random numbers (dropout)"
 _HOOKS = "it has hooks of its own"
+_NONE = (
+    "a gradient it passes on is None (an output, a parameter or a keyword tensor that does "
+    "not reach the loss)"
+)
+
+
+def _none_flowed(run: BlockRun, back: Backward, dstate: list[list[Any]]) -> bool:
+    """Whether a gradient the block's eager reverse passed on was ``None``.
+
+    Its input's, its parameters' (totals so far: blocks after it were reversed first, so a
+    ``None`` total is ``None`` from it too), and those of the keyword tensors it receives.
+    """
+    if any(g is None for part in dstate for g in part):
+        return True
+    totals = back.totals
+    if any(totals[p] is None for j in range(2) for p in run.used(j)):
+        return True
+    if back.kw_wanted:
+        context = run.shared.context
+        received = {k for spec in run.program for k in context.receiving(spec.receives[0])}
+        return any(back.kw_totals[k] is None for k in back.kw_wanted if k in received)
+    return False
 
 
 class _Lookup:
