@@ -243,6 +243,22 @@ def saved_tensors_hooks_enabled() -> bool:
     return True if check is None else bool(check())
 
 
+# -------------------------------------------------------------------------- compiling
+
+
+_COUNTERS: Any = None
+
+
+def compiled_graphs() -> int:
+    """How many graphs dynamo has compiled in this process (recompilations included)."""
+    global _COUNTERS
+    if _COUNTERS is None:  # (dynamo imported on first use only)
+        from torch._dynamo.utils import counters
+
+        _COUNTERS = counters
+    return _COUNTERS["stats"]["unique_graphs"]
+
+
 # ------------------------------------------------------------------------ transforms
 
 

@@ -364,7 +364,9 @@ def test_a_group_whose_graph_fails_runs_block_by_block(monkeypatch, failing):
     blocks = [(Moded(i), Moded(10 + i)) for i in range(3)]
     ref = copy.deepcopy(blocks)
     seq = revtree.ReversibleSequence(blocks, compile=3)
-    for step in range(3):
+    # (a block whose single-block graph compiles after it ran in a group is judged again:
+    # one more step on the eager engine)
+    for step in range(5):
         x = x_(2, 6, seed=step)
         got = torch.autograd.grad(_weights(seq(x)), [x, *_params(blocks)])
         expected = torch.autograd.grad(_weights(_plain_pairs(ref, x)), [x, *_params(ref)])
@@ -425,3 +427,41 @@ def test_a_keyword_tensor_received_but_unused_gets_none(compile):
             x = x_(3, 8, seed=step)
             (got,) = torch.autograd.grad(seq(x, mask=mask).sum(), [mask], allow_unused=True)
             assert got is None
+
+
+class Switched(nn.Module):
+    """A map that reads a second parameter while its flag is on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4, dtype=D)
+        self.extra = nn.Parameter(torch.ones(4, dtype=D))
+        self.use_extra = True
+
+    def forward(self, x):
+        y = self.lin(x)
+        return torch.tanh(y + self.extra if self.use_extra else y)
+
+
+@pytest.mark.parametrize("compile", [True, 2])
+def test_a_flag_switched_on_a_compiled_block_is_judged_again(compile):
+    """Its graph is compiled again: the block goes back to the eager engine for a step,
+    whose reverse sees the parameter it stopped reading get None, as plain autograd does."""
+    torch.manual_seed(7)
+    blocks = [(Switched(), Switched()) for _ in range(3)]
+    ref = copy.deepcopy(blocks)
+    seq = revtree.ReversibleSequence(blocks, compile=compile)
+    with pytest.warns(revtree.RevtreeWarning, match="is None"):
+        for step in range(5):
+            for f, g in [*blocks, *ref]:
+                f.use_extra = g.use_extra = step < 2
+            x = x_(3, 8, seed=step)
+            got = torch.autograd.grad(_weights(seq(x)), [x, *_params(blocks)], allow_unused=True)
+            expected = torch.autograd.grad(
+                _weights(_plain_pairs(ref, x)), [x, *_params(ref)], allow_unused=True
+            )
+            assert [g is None for g in got] == [g is None for g in expected], f"step {step}"
+            assert_trees_close(
+                [g for g in got if g is not None], [g for g in expected if g is not None]
+            )
+    assert _compiled_blocks(seq) == set()  # each now passes a None on: eager

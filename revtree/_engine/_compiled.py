@@ -155,8 +155,21 @@ class Compiled:
             self._defer(run, call, state, key, eager)
             return
         self.flush(call, state)
-        if verdict is None and self._run_forward(run, call, state, key):
+        self._forward_one(run, call, state, key, eager)
+
+    def _forward_one(
+        self,
+        run: BlockRun,
+        call: Call,
+        state: list[Leaves],
+        key: tuple[Any, ...],
+        eager: Any,
+        records: list[Record] | None = None,
+    ) -> None:
+        """One block forward: compiled if trusted, else ``eager``, judged."""
+        if self._verdict(key) is None and self._run_forward(run, call, state, key, records):
             return
+        verdict = self._verdict(key)  # (judged again where its graph was compiled again)
         generators = call.generators
         before = generators.capture() if generators is not None else ()
         eager(run, call, state)
@@ -188,6 +201,7 @@ class Compiled:
         kt, kother = _keywords(run, call.kwargs(True)[1])
         generators = call.generators
         before = generators.capture() if generators is not None else None
+        graphs = _torch.compiled_graphs()
         try:
             forward = self._functions(self._lookup_for(run, key), 1)[0]
             y1, y2 = forward([run.fns[0]], [run.fns[1]], *state, kt, kother)
@@ -202,9 +216,32 @@ class Compiled:
                 generators.set(before)
                 self._judge(run, key, _DRAWS)
                 return False
+        if self._compiled_again(graphs, [key]):
+            return False
         _ran(run, records)
         self.ran.add(run.index)
+        self.learned.compiled.add(key)
         state[0], state[1] = y1, y2
+        return True
+
+    def _compiled_again(self, graphs: int, keys: list[tuple[Any, ...]]) -> bool:
+        """Whether a call compiled a graph for blocks that had run compiled before.
+
+        Something their code reads that no key holds changed since they were judged (a
+        flag read in ``forward``, say): the call's result is dropped, and every block
+        whose functions are these (the next would find the new graph compiled) is judged
+        again, starting on the eager engine, whose reverse sees which gradients flow.
+        """
+        if _torch.compiled_graphs() == graphs:
+            return False
+        learned = self.learned
+        if not any(key in learned.compiled for key in keys):
+            return False  # their first compiled call: compiling is expected
+        lookups = {id(learned.functions[key]) for key in keys}
+        for key, lookup in list(learned.functions.items()):
+            if id(lookup) in lookups:
+                learned.verdicts.pop(key, None)
+                learned.compiled.discard(key)
         return True
 
     # ------------------------------------------------------------------------ groups
@@ -234,8 +271,7 @@ class Compiled:
         if n > 1 and (group.lookup, n) not in self._broken and self._run_group(group, call, state):
             return
         for run, key, records in zip(group.runs, group.keys, group.records):
-            if not self._run_forward(run, call, state, key, records):
-                group.eager(run, call, state)
+            self._forward_one(run, call, state, key, group.eager, records)
 
     def _run_group(self, group: _Pending, call: Call, state: list[Leaves]) -> bool:
         runs = group.runs
@@ -243,6 +279,7 @@ class Compiled:
         fs, gs = [r.fns[0] for r in runs], [r.fns[1] for r in runs]
         generators = call.generators
         before = generators.capture() if generators is not None else None
+        graphs = _torch.compiled_graphs()
         try:
             forward = self._functions(group.lookup, len(runs))[0]
             y1, y2 = forward(fs, gs, *state, kt, kother)
@@ -252,11 +289,14 @@ class Compiled:
         if generators is not None and before is not None and not same(before, generators.capture()):
             generators.set(before)  # one of them draws now: block by block finds which
             return False
+        if self._compiled_again(graphs, group.keys):
+            return False
         mark = (group.lookup, len(runs))  # one object: the reverse finds the group by it
         for run, records in zip(runs, group.records):
             _ran(run, records)
             run.group = mark
             self.ran.add(run.index)
+        self.learned.compiled.update(group.keys)
         state[0], state[1] = y1, y2
         return True
 

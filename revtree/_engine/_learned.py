@@ -204,6 +204,7 @@ class Learned:
     __slots__ = (
         "__weakref__",
         "blocks",
+        "compiled",
         "functions",
         "grown",
         "policy",
@@ -220,6 +221,7 @@ class Learned:
         self.policy = Policy()  # which modules change their buffers
         self.verdicts: dict[tuple[Any, ...], Any] = {}  # compiled engine: per block structure
         self.functions: dict[tuple[Any, ...], Any] = {}  # its compiled functions, keyed alike
+        self.compiled: set[tuple[Any, ...]] = set()  # the keys whose blocks ran compiled
 
     def __reduce__(self) -> tuple[type[Learned], tuple[()]]:
         """Pickled (and copied) empty: what it learned is learned again."""
@@ -258,3 +260,4 @@ class Learned:
         serials = {w.serial for w in self.walks.values()}
         self.verdicts = {k: v for k, v in self.verdicts.items() if set(k[0]) <= serials}
         self.functions = {k: v for k, v in self.functions.items() if set(k[0]) <= serials}
+        self.compiled = {k for k in self.compiled if set(k[0]) <= serials}
