@@ -1,8 +1,9 @@
 """The compiled engine (``compile=True``): a block forward and in reverse as compiled functions.
 
-Each is a pure function of the block's modules and tensors (parameters through
-``torch.func.functional_call``, gradients through ``torch.func.vjp``), compiled with
-``torch.compile(fullgraph=True)`` once per layout and keyword structure, and shared by every
+Each is a pure function of the block's modules and tensors (the forward on the modules'
+own parameters; the reverse through ``torch.func.functional_call`` and ``torch.func.vjp``),
+compiled with ``torch.compile(fullgraph=True)`` once per layout and keyword structure, and
+shared by every
 block: dynamo's guards decide whether a block's modules fit a graph already compiled, so
 blocks of one structure share one graph, and no call or block recompiles.
 
@@ -20,11 +21,18 @@ where its ``f`` or ``g``
   compared around it), so that dropout switched on later sends it back to the eager engine
   before its output is used;
 - changes its buffers, has hooks of its own, or reads tensors beyond its modules;
-- leaves a gradient ``None`` (a compiled gradient cannot tell ``None`` from zero);
+- leaves a gradient ``None`` (a compiled gradient cannot tell ``None`` from zero): seen in
+  its first eager reverse, before which no block on its walks runs compiled;
 - or cannot be traced without a graph break.
 
-The recompute is exact as the eager one is: the same arithmetic on the same parameters, the
-forward's autocast state around the recomputed calls only.
+A call that compiles a graph again for blocks that already ran compiled (something their
+code reads, beyond what the key holds, changed: a flag read in ``forward``) drops its
+result, and every block on those functions is judged again from the eager engine. A flag
+switched to a value whose graph is already compiled is not seen (see the reliability page).
+
+The recompute is the eager one's arithmetic on the same parameters, the forward's autocast
+state around the recomputed calls only (inductor's fused kernels round as they do in any
+compiled graph: float64 agrees to 1e-10, lower precisions to their rounding).
 
 **Blocks as one graph** (``compile=n``): consecutive trusted blocks that would share one
 graph (same structure, layout and keywords) wait in the call's pending group and run as
