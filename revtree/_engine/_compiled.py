@@ -3,9 +3,8 @@
 Each is a pure function of the block's modules and tensors (the forward on the modules'
 own parameters; the reverse through ``torch.func.functional_call`` and ``torch.func.vjp``),
 compiled with ``torch.compile(fullgraph=True)`` once per layout and keyword structure, and
-shared by every
-block: dynamo's guards decide whether a block's modules fit a graph already compiled, so
-blocks of one structure share one graph, and no call or block recompiles.
+shared by every block: dynamo's guards decide whether a block's modules fit a graph already
+compiled, so blocks of one structure share one graph, and no call or block recompiles.
 
 It serves the classic block, ``(f, g)`` under an elementwise coupling (``Additive``,
 ``Affine``). A block runs compiled once it has been trusted: its first forward and backward
