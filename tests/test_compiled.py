@@ -10,7 +10,7 @@ import copy
 import optree
 import pytest
 import torch
-from helpers import assert_trees_close, reference
+from helpers import assert_trees_close, plain, reference
 from helpers import t as x_
 from torch import nn
 
@@ -265,14 +265,6 @@ class Moded(nn.Module):
         return torch.tanh(self.lin(x)) * (2.0 if self.training else 0.5)
 
 
-def _plain_pairs(blocks, x):
-    x1, x2 = x.chunk(2, -1)
-    for f, g in blocks:
-        x1 = x1 + f(x2)
-        x2 = x2 + g(x1)
-    return torch.cat((x1, x2), -1)
-
-
 def _weights(y):
     return (y * y.detach().cos()).sum()
 
@@ -293,7 +285,7 @@ def test_modes_switched_between_forward_and_backward_replay_the_forward(compile)
         y = seq(x)
         seq.eval()
         got = torch.autograd.grad(_weights(y), [x, *_params(blocks)])
-        expected = torch.autograd.grad(_weights(_plain_pairs(ref, x)), [x, *_params(ref)])
+        expected = torch.autograd.grad(_weights(plain(ref, x)), [x, *_params(ref)])
         assert_trees_close(list(got), list(expected), what=f"step {step}")
     assert _compiled_blocks(seq) == {0, 1, 2}
 
@@ -307,7 +299,7 @@ def test_a_group_backward_twice_with_retain_graph():
         loss = _weights(seq(x))
         first = torch.autograd.grad(loss, [x, *_params(blocks)], retain_graph=True)
         second = torch.autograd.grad(loss, [x, *_params(blocks)])
-        expected = torch.autograd.grad(_weights(_plain_pairs(ref, x)), [x, *_params(ref)])
+        expected = torch.autograd.grad(_weights(plain(ref, x)), [x, *_params(ref)])
         assert_trees_close(list(first), list(expected))
         assert_trees_close(list(second), list(expected))
     assert _compiled_blocks(seq) == {0, 1, 2, 3}
@@ -330,7 +322,7 @@ def test_grouped_blocks_with_an_optimizer_in_backward_get_gradients_block_by_blo
         for p in _params(blocks):
             p.grad = None
         _weights(seq(x)).backward()
-        expected = torch.autograd.grad(_weights(_plain_pairs(ref, xr)), [xr, *_params(ref)])
+        expected = torch.autograd.grad(_weights(plain(ref, xr)), [xr, *_params(ref)])
         assert_trees_close([x.grad, *(p.grad for p in _params(blocks))], list(expected))
         assert events == sorted(events, reverse=True) and len(events) == depth * 4
     assert _compiled_blocks(seq) == set(range(depth))
@@ -369,7 +361,7 @@ def test_a_group_whose_graph_fails_runs_block_by_block(monkeypatch, failing):
     for step in range(5):
         x = x_(2, 6, seed=step)
         got = torch.autograd.grad(_weights(seq(x)), [x, *_params(blocks)])
-        expected = torch.autograd.grad(_weights(_plain_pairs(ref, x)), [x, *_params(ref)])
+        expected = torch.autograd.grad(_weights(plain(ref, x)), [x, *_params(ref)])
         assert_trees_close(list(got), list(expected), what=f"step {step}")
     assert _compiled_blocks(seq) == {0, 1, 2}  # each block's own graph
     assert seq._compiled_engine._broken  # the group's graph is not tried again
@@ -458,7 +450,7 @@ def test_a_flag_switched_on_a_compiled_block_is_judged_again(compile):
             x = x_(3, 8, seed=step)
             got = torch.autograd.grad(_weights(seq(x)), [x, *_params(blocks)], allow_unused=True)
             expected = torch.autograd.grad(
-                _weights(_plain_pairs(ref, x)), [x, *_params(ref)], allow_unused=True
+                _weights(plain(ref, x)), [x, *_params(ref)], allow_unused=True
             )
             assert [g is None for g in got] == [g is None for g in expected], f"step {step}"
             assert_trees_close(

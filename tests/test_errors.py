@@ -5,7 +5,7 @@ from __future__ import annotations
 import optree
 import pytest
 import torch
-from helpers import TreeMixer, make_blocks, t
+from helpers import TreeMixer, make_blocks, plain, t
 from torch import nn
 
 import revtree
@@ -311,14 +311,6 @@ def _mlp_seq(**kwargs):
     return revtree.ReversibleSequence(pairs, **kwargs), pairs
 
 
-def _plain(pairs, x):
-    x1, x2 = x.chunk(2, -1)
-    for f, g in pairs:
-        x1 = x1 + f(x2)
-        x2 = x2 + g(x1)
-    return torch.cat((x1, x2), -1)
-
-
 @pytest.mark.parametrize("how", ["no_grad", "reversible=False"])
 def test_vmap_over_a_sequence_works_without_a_reversible_backward(how):
     seq, pairs = _mlp_seq(reversible=how != "reversible=False")
@@ -328,7 +320,7 @@ def test_vmap_over_a_sequence_works_without_a_reversible_backward(how):
             got = torch.vmap(seq)(xs)
     else:
         got = torch.vmap(seq)(xs)
-    expected = torch.stack([_plain(pairs, x) for x in xs])
+    expected = torch.stack([plain(pairs, x) for x in xs])
     assert torch.allclose(got, expected, atol=1e-12)
 
 
@@ -350,7 +342,7 @@ def test_torch_func_grad_with_reversible_false_equals_plain_autograd():
     seq, pairs = _mlp_seq(reversible=False)
     x = t(3, 4)
     got = torch.func.grad(lambda v: seq(v).square().sum())(x)
-    expected = torch.autograd.grad(_plain(pairs, x).square().sum(), x)[0]
+    expected = torch.autograd.grad(plain(pairs, x).square().sum(), x)[0]
     assert torch.allclose(got, expected, atol=1e-12)
 
 
@@ -364,7 +356,7 @@ def test_forward_mode_ad_through_a_reversible_stack_is_a_clear_error():
         seq(fwad.make_dual(x, tangent))
     with fwad.dual_level(), torch.no_grad():  # no backward to run: it simply works
         out = fwad.unpack_dual(seq(fwad.make_dual(x, tangent))).tangent
-        expected = fwad.unpack_dual(_plain(pairs, fwad.make_dual(x, tangent))).tangent
+        expected = fwad.unpack_dual(plain(pairs, fwad.make_dual(x, tangent))).tangent
     assert torch.allclose(out, expected, atol=1e-12)
 
 

@@ -71,6 +71,7 @@ _EAGER_FIRST = "not yet seen on the eager engine"
 # its forward was: trusted once a reverse on the eager engine has seen every gradient flow
 # (blocks sharing their modules share the verdict: the first forward must not trust the rest)
 _REVERSE_FIRST = "not yet seen in reverse on the eager engine"
+_OPEN = (None, _EAGER_FIRST, _REVERSE_FIRST)  # verdicts a later judgement may replace
 
 
 class Compiled:
@@ -123,19 +124,10 @@ class Compiled:
 
     def _judge(self, run: BlockRun, key: tuple[Any, ...], verdict: Verdict) -> None:
         """Record whether the block may run compiled; warn once per block and reason."""
-        known = self.learned.verdicts.get(key, _EAGER_FIRST)
-        if known is not _EAGER_FIRST and known is not _REVERSE_FIRST and known is not None:
+        if self.learned.verdicts.get(key, _EAGER_FIRST) not in _OPEN:
             return  # a reason to stay eager is kept
         self.learned.verdicts[key] = verdict
-        if (
-            verdict is not None
-            and verdict is not _REVERSE_FIRST
-            and (
-                run.index,
-                verdict,
-            )
-            not in self._warned
-        ):
+        if verdict not in _OPEN and (run.index, verdict) not in self._warned:
             self._warned.add((run.index, verdict))
             warnings.warn(
                 f"block {run.index} runs on the eager engine under compile=True: {verdict}. "
@@ -316,24 +308,22 @@ class Compiled:
         state: list[Leaves],
         dstate: list[list[Any]],
         eager: Any,
-        before: Sequence[BlockRun] = (),
+        node: Sequence[BlockRun] = (),
+        at: int = 0,
     ) -> int:
         """Block ``run`` in reverse: compiled if its forward ran so, else ``eager``, judged.
 
-        ``before`` are the node's blocks before it. Where ``run`` ends a group that ran as
-        one graph, the group is reversed as one; returns how many of ``before`` were
+        ``run`` is ``node[at]``, of the node's blocks. Where it ends a group that ran as one
+        graph, the group is reversed as one; returns how many blocks before it were
         reversed with it.
         """
         group = run.group
-        if group is not None:
-            n = group[1]
-            runs = [*before[len(before) - n + 1 :], run]
-            if (
-                len(runs) == n
-                and all(r.group is group for r in runs)
-                and self._run_group_reverse(runs, back, state, dstate)
+        if group is not None and at + 1 >= group[1]:
+            runs = list(node[at + 1 - group[1] : at + 1])
+            if all(r.group is group for r in runs) and self._run_group_reverse(
+                runs, back, state, dstate
             ):
-                return n - 1
+                return len(runs) - 1
         replayable, flipped = True, []
         if not _modes_as_found(run):  # the common case: nothing to set
             modules, modes = _forward_modes(run)
@@ -347,8 +337,7 @@ class Compiled:
         finally:
             restore_modes(flipped)
         eager(run, back, state, dstate)
-        verdict = self._verdict(key)
-        if (verdict is None or verdict is _REVERSE_FIRST) and not (back.accumulate or run.compiled):
+        if self._verdict(key) in (None, _REVERSE_FIRST) and not (back.accumulate or run.compiled):
             # the compiled gradient cannot say None: trusted only where every one flowed
             self._judge(run, key, _NONE if _none_flowed(run, back, dstate) else None)
         return 0
@@ -361,8 +350,8 @@ class Compiled:
         dstate: list[list[Any]],
         key: tuple[Any, ...],
     ) -> bool:
-        if back.accumulate or any(g is None for part in dstate for g in part):
-            return False  # hooks watch the recomputation, or an output reaches nothing: eager
+        if not _reversible_compiled(back, dstate):
+            return False
         try:
             reverse = self._functions(self._lookup_for(run, key), 1)[1]
             _reverse_with(reverse, [run], back, state, dstate)
@@ -379,7 +368,7 @@ class Compiled:
         dstate: list[list[Any]],
     ) -> bool:
         """The blocks of a group in reverse as one graph, where everything allows it."""
-        if back.accumulate or any(g is None for part in dstate for g in part):
+        if not _reversible_compiled(back, dstate):
             return False
         if not all(map(_modes_as_found, runs)):
             return False  # per block: each sets the modes its forward found
@@ -445,6 +434,15 @@ _NONE = (
     "a gradient it passes on is None (an output, a parameter or a keyword tensor that does "
     "not reach the loss)"
 )
+
+
+def _reversible_compiled(back: Backward, dstate: list[list[Any]]) -> bool:
+    """Whether a compiled reverse may serve this backward.
+
+    Not where hooks watch the recomputation, nor where an output's gradient is ``None``
+    (a compiled one cannot be).
+    """
+    return not back.accumulate and not any(g is None for part in dstate for g in part)
 
 
 def _none_flowed(run: BlockRun, back: Backward, dstate: list[list[Any]]) -> bool:

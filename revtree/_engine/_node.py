@@ -295,7 +295,7 @@ class Tape:
             elif compiled is not None and compiled.takes(run):
                 # (blocks run as one graph with it, before it, are reversed with it)
                 at -= compiled.reverse(
-                    run, back, state, dstate, partial(_eager, mine, specs), runs[:at]
+                    run, back, state, dstate, partial(_eager, mine, specs), runs, at
                 )
             else:
                 reverse_block(run, back, state, dstate, mine, specs)
