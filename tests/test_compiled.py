@@ -341,8 +341,8 @@ def test_a_group_whose_graph_fails_runs_block_by_block(monkeypatch, failing):
 
     build = _compiled._build
 
-    def failing_build(key, size):
-        functions = list(build(key, size))
+    def failing_build(key, size, options):
+        functions = list(build(key, size, options))
         if size > 1:
 
             def fail(*args, **kwargs):
@@ -365,6 +365,38 @@ def test_a_group_whose_graph_fails_runs_block_by_block(monkeypatch, failing):
         assert_trees_close(list(got), list(expected), what=f"step {step}")
     assert _compiled_blocks(seq) == {0, 1, 2}  # each block's own graph
     assert seq._compiled_engine._broken  # the group's graph is not tried again
+
+
+def test_cpu_graphs_fall_back_to_inductors_defaults_where_its_cpp_wrapper_fails(monkeypatch):
+    """On the CPU the graphs call their kernels through inductor's C++ wrapper; where that
+    cannot be built (no Python headers, say), they are built with inductor's defaults: the
+    blocks still run compiled, exactly, and no warning sends them to the eager engine."""
+    from revtree._engine import _compiled
+
+    options = {"cpp_wrapper": True, "cpp.cxx": ("no-such-compiler",)}
+    monkeypatch.setattr(_compiled, "_HOST_OPTIONS", options)
+    monkeypatch.setattr(_compiled, "_LOOKUPS", {})  # functions built afresh
+    blocks = [(Moded(i), Moded(10 + i)) for i in range(2)]
+    ref = copy.deepcopy(blocks)
+    seq = revtree.ReversibleSequence(blocks, compile=True)
+    for step in range(3):
+        x = x_(2, 6, seed=step)
+        got = torch.autograd.grad(_weights(seq(x)), [x, *_params(blocks)])
+        expected = torch.autograd.grad(_weights(plain(ref, x)), [x, *_params(ref)])
+        assert_trees_close(list(got), list(expected), what=f"step {step}")
+    assert _compiled_blocks(seq) == {0, 1}
+    lookups = list(_compiled._LOOKUPS.values())
+    assert lookups and all(lookup.options is None for lookup in lookups)
+
+
+def test_cpu_graphs_use_inductors_cpp_wrapper():
+    from revtree._engine import _compiled
+
+    seq = revtree.ReversibleSequence([(Moded(0), Moded(1))], compile=True)
+    for step in range(2):
+        _weights(seq(x_(2, 6, seed=step))).backward()
+    (lookup,) = set(seq._learned.functions.values())
+    assert lookup.options == _compiled._HOST_OPTIONS == {"cpp_wrapper": True}
 
 
 class Unused(nn.Module):

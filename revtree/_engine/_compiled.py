@@ -2,9 +2,11 @@
 
 Each is a pure function of the block's modules and tensors (the forward on the modules'
 own parameters; the reverse through ``torch.func.functional_call`` and ``torch.func.vjp``),
-compiled with ``torch.compile(fullgraph=True)`` once per layout and keyword structure, and
-shared by every block: dynamo's guards decide whether a block's modules fit a graph already
-compiled, so blocks of one structure share one graph, and no call or block recompiles.
+compiled with ``torch.compile(fullgraph=True)`` once per layout and keyword structure (on
+the CPU with inductor's C++ wrapper, which calls small kernels for less than its Python
+one), and shared by every block: dynamo's guards decide whether a block's modules fit a
+graph already compiled, so blocks of one structure share one graph, and no call or block
+recompiles.
 
 It serves the classic block, ``(f, g)`` under an elementwise coupling (``Additive``,
 ``Affine``). A block runs compiled once it has been trusted: its first forward and backward
@@ -202,8 +204,8 @@ class Compiled:
         before = generators.capture() if generators is not None else None
         graphs = _torch.compiled_graphs()
         try:
-            forward = self._functions(self._lookup_for(run, key), 1)[0]
-            y1, y2 = forward([run.fns[0]], [run.fns[1]], *state, kt, kother)
+            lookup = self._lookup_for(run, key)
+            y1, y2 = lookup.call(1, 0, [run.fns[0]], [run.fns[1]], *state, kt, kother)
         except Exception as e:  # dynamo could not trace it whole: eager from now on
             self._judge(run, key, _untraceable(e))
             return False
@@ -280,8 +282,7 @@ class Compiled:
         before = generators.capture() if generators is not None else None
         graphs = _torch.compiled_graphs()
         try:
-            forward = self._functions(group.lookup, len(runs))[0]
-            y1, y2 = forward(fs, gs, *state, kt, kother)
+            y1, y2 = group.lookup.call(len(runs), 0, fs, gs, *state, kt, kother)
         except Exception:  # block by block from now on, each judged on its own
             self._broken.add((group.lookup, len(runs)))
             return False
@@ -353,8 +354,7 @@ class Compiled:
         if not _reversible_compiled(back, dstate):
             return False
         try:
-            reverse = self._functions(self._lookup_for(run, key), 1)[1]
-            _reverse_with(reverse, [run], back, state, dstate)
+            _reverse_with(self._lookup_for(run, key), [run], back, state, dstate)
         except Exception as e:
             self._judge(run, key, _untraceable(e))
             return False
@@ -374,7 +374,7 @@ class Compiled:
             return False  # per block: each sets the modes its forward found
         lookup, n = runs[-1].group
         try:
-            _reverse_with(self._functions(lookup, n)[1], runs, back, state, dstate)
+            _reverse_with(lookup, runs, back, state, dstate)
         except Exception:
             self._broken.add((lookup, n))
             return False
@@ -386,18 +386,10 @@ class Compiled:
         """What selects the block's compiled functions, found once per ``key``."""
         found = self.learned.functions.get(key)
         if found is None:
-            found = self.learned.functions[key] = self._lookup(run)
+            found = self.learned.functions[key] = self._lookup(run, _on_host(run, key[-1]))
         return found
 
-    @staticmethod
-    def _functions(lookup: _Lookup, size: int) -> tuple[Any, Any]:
-        """The compiled forward and reverse of ``size`` blocks selected by ``lookup``."""
-        functions = lookup.functions.get(size)
-        if functions is None:
-            functions = lookup.functions[size] = _build(lookup.build, size)
-        return functions
-
-    def _lookup(self, run: BlockRun) -> _Lookup:
+    def _lookup(self, run: BlockRun, host: bool) -> _Lookup:
         shared = run.shared
         context = shared.context
         spec_f, spec_g = run.program
@@ -421,10 +413,10 @@ class Compiled:
         # each block structure gets functions (code objects) of its own: dynamo counts
         # recompilations per code object, and many sequences may share one layout
         structure = (run.walks[0].structure, run.walks[1].structure)
-        value = (_value(coupling), structure, *rest)
+        value = (_value(coupling), structure, host, *rest)
         lookup = _LOOKUPS.get(value)
         if lookup is None:
-            lookup = _LOOKUPS[value] = _Lookup((coupling, *rest))
+            lookup = _LOOKUPS[value] = _Lookup((coupling, *rest), _HOST_OPTIONS if host else None)
         return lookup
 
 
@@ -470,11 +462,36 @@ class _Lookup:
     is a key hashed by identity, whatever the size of the structure it stands for.
     """
 
-    __slots__ = ("build", "functions")
+    __slots__ = ("build", "functions", "options")
 
-    def __init__(self, build: tuple[Any, ...]) -> None:
+    def __init__(self, build: tuple[Any, ...], options: dict[str, Any] | None) -> None:
         self.build = build  # what ``_build`` makes the functions from
+        self.options = options  # inductor's
         self.functions: dict[int, tuple[Any, Any]] = {}  # by how many blocks they run
+
+    def call(self, size: int, which: int, *args: Any) -> Any:
+        """Call the compiled forward (``which`` 0) or reverse (1) of ``size`` blocks."""
+        try:
+            return self._functions(size)[which](*args)
+        except torch._dynamo.exc.BackendCompilerFailed:
+            if self.options is None:
+                raise
+        # inductor could not build with these options (its C++ wrapper needs Python's
+        # headers): its defaults from now on
+        self.options = None
+        self.functions.clear()
+        return self._functions(size)[which](*args)
+
+    def _functions(self, size: int) -> tuple[Any, Any]:
+        functions = self.functions.get(size)
+        if functions is None:
+            functions = self.functions[size] = _build(self.build, size, self.options)
+        return functions
+
+
+# on the CPU, inductor's C++ wrapper calls the kernels: its Python wrapper (allocations, views,
+# size checks, one Python line each) costs more than the tiny kernels it calls
+_HOST_OPTIONS: dict[str, Any] = {"cpp_wrapper": True}
 
 
 # the compiled functions of every sequence, by coupling, layout and keyword structure: two
@@ -502,13 +519,13 @@ def _ran(run: BlockRun, records: list[Record]) -> None:
 
 
 def _reverse_with(
-    reverse: Any,
+    lookup: _Lookup,
     runs: list[BlockRun],
     back: Backward,
     state: list[Leaves],
     dstate: list[list[Any]],
 ) -> None:
-    """``runs`` (one block, or a group) in reverse through ``reverse``; gradients to ``back``."""
+    """``runs`` (one block, or a group) in reverse, compiled; gradients to ``back``."""
     handles = back.handles
     pfs, ffs, pgs, fgs = [], [], [], []
     for run in runs:
@@ -521,7 +538,7 @@ def _reverse_with(
     kt, kother = _keywords(runs[0], back.keywords)
     fs, gs = [r.fns[0] for r in runs], [r.fns[1] for r in runs]
     y1, y2 = [t.detach() for t in state[0]], [t.detach() for t in state[1]]
-    out = reverse(fs, gs, pfs, ffs, pgs, fgs, y1, y2, *dstate, kt, kother)
+    out = lookup.call(len(runs), 1, fs, gs, pfs, ffs, pgs, fgs, y1, y2, *dstate, kt, kother)
     x1, x2, dx1, dx2, dpfs, dpgs, dkt = out
     for run, dpf, dpg in zip(runs, dpfs, dpgs):
         for j, grads in enumerate((dpf, dpg)):
@@ -531,6 +548,12 @@ def _reverse_with(
     back.add_keywords(back.kw_wanted, dkt)
     state[0], state[1] = list(x1), list(x2)
     dstate[0], dstate[1] = list(dx1), list(dx2)
+
+
+def _on_host(run: BlockRun, signature: tuple[Any, ...]) -> bool:
+    """Whether the block's input and keyword tensors are all on the CPU."""
+    tensors = run.shared.context.tensors
+    return all(d.type == "cpu" for _, _, d in signature) and all(t.is_cpu for t in tensors)
 
 
 def x_signature(state: list[Leaves]) -> tuple[Any, ...]:
@@ -631,7 +654,7 @@ def _keywords(run: BlockRun, tensors: Leaves) -> tuple[Leaves, list[Any]]:
 # ---------------------------------------------------------------------- the functions
 
 
-def _build(key: tuple[Any, ...], size: int) -> tuple[Any, Any]:
+def _build(key: tuple[Any, ...], size: int, options: dict[str, Any] | None) -> tuple[Any, Any]:
     """The compiled forward and reverse of ``size`` blocks, for one layout and keyword structure.
 
     They take lists of ``size`` functions and parameter dicts (one block: lists of one).
@@ -737,7 +760,7 @@ def _build(key: tuple[Any, ...], size: int) -> tuple[Any, Any]:
                         dk[n] = d[n] if dk[n] is None else dk[n] + d[n]
         return y1, y2, dy1, dy2, dpfs, dpgs, dk
 
-    compile_ = torch.compile(fullgraph=True, dynamic=False)
+    compile_ = torch.compile(fullgraph=True, dynamic=False, options=options)
     return compile_(_own_code(forward)), compile_(_own_code(reverse))
 
 
