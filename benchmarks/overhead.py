@@ -20,7 +20,8 @@ its excess over plain autograd, and that excess less one no-grad forward of plai
 recomputation every reversible engine and checkpointing do by design). ``--compile`` adds
 revtree's compiled engine (``compile=True``, one graph per block, and ``compile=8``, up to 8
 blocks as one graph; ``--groups 4 8 16`` for others) and ``torch.compile`` of the plain
-stack, and the compiled engine's step against both.
+stack, and the compiled engine's step against both (``--cpp-wrapper`` adds ``torch.compile``
+of the plain stack with inductor's C++ wrapper, which the compiled engine uses on the CPU).
 
 Usage:
     python benchmarks/overhead.py              # ~2 minutes
@@ -50,7 +51,7 @@ from revtree.codecs import Degree, Duplicate
 
 
 def systems(
-    workload: str, depth: int, compile_: bool, groups: list[int]
+    workload: str, depth: int, compile_: bool, groups: list[int], cpp_wrapper: bool = False
 ) -> tuple[dict[str, nn.Module], Any]:
     torch.manual_seed(0)
     if workload in ("tiny", "small"):
@@ -81,6 +82,10 @@ def systems(
             )
         plain = Plain(copy.deepcopy(pairs), enc, dec, ckpt=False)
         out["plain compile"] = cast(nn.Module, torch.compile(plain))
+        if cpp_wrapper:  # as revtree's compiled engine builds its CPU graphs
+            plain = Plain(copy.deepcopy(pairs), enc, dec, ckpt=False)
+            options = {"cpp_wrapper": True}
+            out["plain compile cpp"] = cast(nn.Module, torch.compile(plain, options=options))
     if workload in ("tiny", "small"):
         try:
             import revtorch
@@ -97,8 +102,15 @@ def forward(model: nn.Module, x: Any) -> None:
         model(x)
 
 
-def run(workload: str, depth: int, repeats: int, compile_: bool, groups: list[int]) -> None:
-    models, x = systems(workload, depth, compile_, groups)
+def run(
+    workload: str,
+    depth: int,
+    repeats: int,
+    compile_: bool,
+    groups: list[int],
+    cpp_wrapper: bool = False,
+) -> None:
+    models, x = systems(workload, depth, compile_, groups, cpp_wrapper)
     tasks: dict[tuple[str, str], Callable[[], object]] = {}
     for name, model in models.items():
         tasks[name, "step"] = lambda m=model: step(m, x)
@@ -140,9 +152,12 @@ def run(workload: str, depth: int, repeats: int, compile_: bool, groups: list[in
         if name.startswith("revtree compile"):
             compiled = us[name, "step"]
             label = name.split("=")[1] if "=" in name else "True"
+            cpp = ""
+            if "plain compile cpp" in models:
+                cpp = f", {compiled / us['plain compile cpp', 'step']:.2f}x with the C++ wrapper"
             print(
                 f"  revtree compile={label} step: {compiled / plain:.2f}x plain eager, "
-                f"{compiled / us['plain compile', 'step']:.2f}x torch.compile of plain"
+                f"{compiled / us['plain compile', 'step']:.2f}x torch.compile of plain{cpp}"
             )
 
 
@@ -160,6 +175,11 @@ def main() -> None:
         help="with --compile, revtree compile=N for each N (blocks as one graph)",
     )
     parser.add_argument(
+        "--cpp-wrapper",
+        action="store_true",
+        help="with --compile, also torch.compile of plain with inductor's C++ wrapper",
+    )
+    parser.add_argument(
         "--workloads", nargs="+", default=["tiny", "small", "leaves", "nested"], help="which to run"
     )
     add_device_arguments(parser)
@@ -175,7 +195,7 @@ def main() -> None:
     for workload in args.workloads:
         depth = 32 if workload == "tiny" else 16
         print(f"\n{workload}, depth {depth}")
-        run(workload, depth, repeats, args.compile, args.groups)
+        run(workload, depth, repeats, args.compile, args.groups, args.cpp_wrapper)
 
 
 if __name__ == "__main__":
