@@ -188,6 +188,10 @@ def main() -> None:
     use_device(args)
     warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
     repeats = args.repeats or (11 if args.quick else 41)
+    # every workload's torch.compile of the plain stack compiles graphs of one code object
+    # (the plain stack's forward, with and without grad): past dynamo's default limit of 8,
+    # the later workloads would time plain eager under that name
+    torch._dynamo.config.recompile_limit = 64
     print(
         f"revtree {revtree.__version__}, torch {torch.__version__}, {args.threads} thread(s), "
         f"{args.device}, {args.dtype}; {repeats} interleaved rounds, medians"
