@@ -21,7 +21,8 @@ recomputation every reversible engine and checkpointing do by design). ``--compi
 revtree's compiled engine (``compile=True``, one graph per block, and ``compile=8``, up to 8
 blocks as one graph; ``--groups 4 8 16`` for others) and ``torch.compile`` of the plain
 stack, and the compiled engine's step against both (``--cpp-wrapper`` adds ``torch.compile``
-of the plain stack with inductor's C++ wrapper, which the compiled engine uses on the CPU).
+of the plain stack with inductor's C++ wrapper, which the compiled engine uses on the CPU;
+``--inductor-defaults`` has the compiled engine build its graphs with inductor's defaults).
 
 Usage:
     python benchmarks/overhead.py              # ~2 minutes
@@ -180,6 +181,11 @@ def main() -> None:
         help="with --compile, also torch.compile of plain with inductor's C++ wrapper",
     )
     parser.add_argument(
+        "--inductor-defaults",
+        action="store_true",
+        help="build revtree's CPU graphs with inductor's defaults (its Python wrapper), to compare",
+    )
+    parser.add_argument(
         "--workloads", nargs="+", default=["tiny", "small", "leaves", "nested"], help="which to run"
     )
     add_device_arguments(parser)
@@ -192,6 +198,10 @@ def main() -> None:
     # (the plain stack's forward, with and without grad): past dynamo's default limit of 8,
     # the later workloads would time plain eager under that name
     torch._dynamo.config.recompile_limit = 64
+    if args.inductor_defaults:
+        from revtree._engine import _compiled
+
+        _compiled._HOST_OPTIONS = None  # type: ignore[assignment]
     print(
         f"revtree {revtree.__version__}, torch {torch.__version__}, {args.threads} thread(s), "
         f"{args.device}, {args.dtype}; {repeats} interleaved rounds, medians"
