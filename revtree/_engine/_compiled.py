@@ -386,7 +386,8 @@ class Compiled:
         """What selects the block's compiled functions, found once per ``key``."""
         found = self.learned.functions.get(key)
         if found is None:
-            found = self.learned.functions[key] = self._lookup(run, _on_host(run, key[-1]))
+            signature = key[-1]  # the input's (``_key`` puts it last)
+            found = self.learned.functions[key] = self._lookup(run, _on_host(run, signature))
         return found
 
     def _lookup(self, run: BlockRun, host: bool) -> _Lookup:
